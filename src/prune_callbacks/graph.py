@@ -1,0 +1,698 @@
+"""The dependency graph: from a traced model to pruning groups.
+
+``DependencyGraph.build_dependency`` traces the model (:mod:`.tracing`), then answers two
+questions: which (layer, channels) pairs must be pruned together with a given set of channels
+(:meth:`DependencyGraph.get_pruning_group`, a breadth-first closure over the tensors that
+connect layers, with index mapping done by :mod:`.propagation`), and what are all the coupled
+channel sets of the model (:meth:`DependencyGraph.get_all_groups`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch.nn as nn
+
+from . import index_mapping as im
+from . import propagation
+from .dependency import Dependency, Group, GroupItem, PruningError, snapshot
+from .index_mapping import Barrier, RootMap
+from .node import Edge, Node
+from .ops import OpType
+from .pruning_functions import (
+    LayerPruner,
+    ParameterPruner,
+    PruningFunction,
+    _ParameterPruningFunction,
+    get_pruning_functions,
+    once_per_parameter,
+)
+from .tracing import Trace, trace_model
+
+Side = str
+
+DEFAULT_ROOT_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.LSTM,
+    nn.GRU,
+    nn.Embedding,
+    nn.MultiheadAttention,
+)
+
+
+class OutputBarrier(Barrier):
+    """The channels reach a model output, whose shape pruning must keep."""
+
+
+class DependencyGraph:
+    """Traced model plus the machinery to turn channel choices into pruning groups."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.module2node: dict[Any, Node] = {}
+        self.nodes: list[Node] = []
+        self.ignored: set[int] = set()
+        self.unknown_ops: set[str] = set()
+        self.pruning_history: list[dict[str, Any]] = []
+        self._param_fns: dict[int, tuple[PruningFunction, PruningFunction]] = {}
+        self._customized: dict[type, LayerPruner] = {}
+
+    # ------------------------------------------------------------------ build
+    def build_dependency(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Callable | None = None,
+        output_transform: Callable | None = None,
+        unwrapped_parameters: Any = None,
+        customized_pruners: Mapping[type, LayerPruner] | None = None,
+        ignored_layers: Iterable[Any] | None = None,
+    ) -> DependencyGraph:
+        """Trace ``model`` once on ``example_inputs`` (tensor, tuple of positional arguments or
+        dict of keyword arguments) and build the graph. Returns ``self``.
+
+        ``unwrapped_parameters``: bare parameters to prune, as ``{param: dim}``, a list of
+        ``(param, dim)`` pairs or a list of parameters (dim found from how they are used).
+        ``ignored_layers``: modules or parameters whose output channels must never change.
+        """
+        self.model = model
+        self._customized = dict(customized_pruners or {})
+        trace: Trace = trace_model(
+            model,
+            example_inputs,
+            forward_fn,
+            output_transform,
+            _unwrapped_dict(unwrapped_parameters),
+            self._customized,
+        )
+        self.nodes = trace.nodes
+        self.module2node = {**trace.module_nodes, **trace.param_nodes}
+        self.traced_on_meta = trace.on_meta
+        self.unknown_ops = trace.unknown_ops
+        self.ignored = {id(m) for m in (ignored_layers or [])}
+        self._names = {m: n for n, m in model.named_modules()}
+        self._names.update({p: n for n, p in model.named_parameters()})
+        self._order = {m: i for i, m in enumerate(self._names)}
+        self._build_dependencies()
+        if self.unknown_ops:
+            warnings.warn(
+                "prune_callbacks: treated these autograd ops as elementwise (channel layout kept): "
+                f"{', '.join(sorted(self.unknown_ops))}. If one of them mixes channels, add a "
+                "customized pruner for the module that calls it or list that module in ignored_layers.",
+                stacklevel=2,
+            )
+        return self
+
+    def _build_dependencies(self) -> None:
+        for node in self.nodes:
+            node.dependencies = []
+        for node in self.nodes:
+            out_fn = self._fn(node, "out")
+            for e in node.out_edges:
+                for dst, _ in e.dsts:
+                    in_fn = self._fn(dst, "in")
+                    node.dependencies.append(Dependency(out_fn, in_fn, node, dst))
+                    dst.dependencies.append(Dependency(in_fn, out_fn, dst, node))
+            if node.is_module and self._coupled(node):
+                in_fn = self._fn(node, "in")
+                node.dependencies.append(Dependency(out_fn, in_fn, node, node))
+                node.dependencies.append(Dependency(in_fn, out_fn, node, node))
+
+    # ------------------------------------------------------------------ queries
+    def get_node(self, module: Any) -> Node:
+        """The node of a module or bare parameter; a clear error if it is not in the graph."""
+        node = self.module2node.get(module)
+        if node is None:
+            name = self._names.get(module, type(module).__name__) if self.model is not None else module
+            raise KeyError(
+                f"{name} is not in the dependency graph: it is either not used in the traced forward "
+                "pass or not a prunable module type (register a customized pruner for it)"
+            )
+        return node
+
+    def get_pruner_of_module(self, module: Any) -> LayerPruner:
+        node = self.get_node(module)
+        return self._pruner(node)
+
+    def get_out_channels(self, module: Any) -> int | None:
+        node = self.get_node(module)
+        return self._channels(node, "out")
+
+    def get_in_channels(self, module: Any) -> int | None:
+        node = self.get_node(module)
+        return self._channels(node, "in")
+
+    def get_pruning_group(self, module: Any, pruning_fn: Callable, idxs: Sequence[int]) -> Group:
+        """The group of everything that must be pruned with channels ``idxs`` of ``module``
+        removed by ``pruning_fn``. Raises ``ValueError`` when the channels cannot be pruned."""
+        node = self.get_node(module)
+        side = getattr(pruning_fn, "side", None)
+        if side is None:
+            raise TypeError(f"{pruning_fn!r} is not a pruning function (use e.g. prune_conv_out_channels)")
+        idxs = sorted({int(i) for i in idxs})
+        try:
+            return self._closure(node, side, idxs, idxs)
+        except Barrier as b:
+            raise ValueError(f"cannot prune {node.name}: {b}") from None
+
+    def get_all_groups(
+        self, ignored_layers: Iterable[Any] = (), root_module_types: Sequence[type] = DEFAULT_ROOT_TYPES
+    ) -> list[Group]:
+        """Every coupled set of channels exactly once, as full-index groups (for scoring).
+
+        Groups rooted at ``ignored_layers`` (or that would change their output channels) and
+        groups blocked by an op whose channel mapping cannot be proven are left out.
+        """
+        ignored = {id(m) for m in ignored_layers} | self.ignored
+        root_types = tuple(root_module_types) + tuple(self._customized)
+        covered: set[tuple[int, Side]] = set()
+        groups: list[tuple[Group, set[tuple[int, Side]]]] = []
+        blocked: list[str] = []
+        for node in self._ordered_module_nodes():
+            module = node.module
+            if id(module) in ignored or not isinstance(module, root_types):
+                continue
+            if (id(node), "out") in covered:
+                continue
+            n = self._channels(node, "out")
+            if not n or n < 2:
+                continue
+            try:
+                group = self._closure(node, "out", list(range(n)), list(range(n)), ignored)
+            except OutputBarrier:
+                continue
+            except Barrier as b:
+                blocked.append(f"{node.name}: {b}")
+                continue
+            full = self._fully_covered(group)
+            covered |= full
+            groups.append((group, full))
+        if blocked:
+            warnings.warn(
+                "prune_callbacks: these layers cannot be pruned and are skipped:\n  " + "\n  ".join(blocked),
+                stacklevel=2,
+            )
+        # Drop a group whose root is fully contained in a larger later group.
+        result = []
+        for g, full in groups:
+            root_key = (id(g.root.dep.target), _side_of(g.root.dep.handler))
+            if any(h is not g and root_key in hfull and _root_key(h) not in full for h, hfull in groups):
+                continue
+            result.append(g)
+        return result
+
+    def check_pruning_group(self, group: Group) -> bool:
+        """Whether pruning ``group`` leaves a valid model (see :meth:`explain_pruning_group`)."""
+        return self.explain_pruning_group(group) is None
+
+    def explain_pruning_group(self, group: Group) -> str | None:
+        """Why ``group`` cannot be pruned (a layer left with no channels, grouped convolutions or
+        GroupNorm losing divisibility, uneven chunks), or None when it can."""
+        for item in group:
+            node, fn = item.dep.target, item.dep.handler
+            side = _side_of(fn)
+            n = self._channels(node, side)
+            idxs = set(item.idxs)
+            if n is None:
+                continue
+            if len(idxs) >= n:
+                return f"{node.name} would be left with no channels ({len(idxs)} of {n} pruned)"
+            module = node.module
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and node.type == OpType.CONV:
+                per = n // module.groups
+                counts = {sum(1 for i in idxs if i // per == g) for g in range(module.groups)}
+                if len(counts) > 1:
+                    return (
+                        f"{node.name} is a grouped convolution with {module.groups} groups: every group must "
+                        f"lose the same number of {side}put channels"
+                    )
+            if isinstance(module, nn.GroupNorm) and (n - len(idxs)) % module.num_groups:
+                left = n - len(idxs)
+                return f"{node.name}: {left} channels are not divisible by num_groups={module.num_groups}"
+            if isinstance(module, nn.MultiheadAttention) and (n - len(idxs)) % module.num_heads:
+                return (
+                    f"{node.name}: embed dim {n - len(idxs)} is not divisible by num_heads={module.num_heads}"
+                )
+        for module, attr, _old, new in group.attribute_updates:
+            if attr == "<chunks>" and len(set(new)) > 1:
+                return (
+                    f"a split into equal chunks inside {type(module).__name__} would get unequal sizes "
+                    f"{new}; prune the same number of channels in every chunk"
+                )
+        return None
+
+    # ------------------------------------------------------------------ pruning
+    def _prune_group(self, group: Group, record_history: bool) -> None:
+        reason = self.explain_pruning_group(group)
+        if reason is not None:
+            raise ValueError(f"refusing to prune this group: {reason}")
+        targets = [item.dep.target.module for item in group] + [m for m, *_ in group.attribute_updates]
+        restore = snapshot(targets)
+        current = None
+        try:
+            with once_per_parameter():
+                # Output sides first: removing a grouped convolution's inputs first could turn it
+                # into a depthwise one, which prunes its outputs by other rules.
+                for item in sorted(group, key=lambda it: _side_of(it.dep.handler) != "out"):
+                    current = item.dep
+                    item.dep(item.idxs)
+            current = None
+            for module, attr, _old, new in group.attribute_updates:
+                if not attr.startswith("<"):
+                    setattr(module, attr, new)
+        except Exception as e:
+            restore()
+            where = (
+                f"{current.target.name} ({_fn_name(current.handler)})"
+                if current is not None
+                else "attributes"
+            )
+            raise PruningError(f"pruning failed at {where}: {e}. The model was restored unchanged.") from e
+        self._update_shapes(group)
+        if record_history:
+            self.pruning_history.append(self.history_record(group))
+
+    def history_record(self, group: Group) -> dict[str, Any]:
+        """Plain-data description of a group prune (names, function names, indices)."""
+        root = group.root
+        return {
+            "root": self._names.get(root.dep.target.module, root.dep.target._name),
+            "function": _fn_name(root.dep.handler),
+            "idxs": list(root.idxs),
+            "items": [
+                {
+                    "target": self._names.get(it.dep.target.module, it.dep.target._name),
+                    "function": _fn_name(it.dep.handler),
+                    "dim": it.dep.handler.pruner.dim
+                    if isinstance(it.dep.handler.pruner, ParameterPruner)
+                    else None,
+                    "idxs": list(it.idxs),
+                }
+                for it in group
+            ],
+            "attributes": [
+                {"module": self._names.get(m, ""), "attr": a, "new": list(n) if isinstance(n, tuple) else n}
+                for m, a, _o, n in group.attribute_updates
+                if not a.startswith("<")
+            ],
+        }
+
+    # ------------------------------------------------------------------ closure (BFS)
+    def _closure(
+        self, root: Node, side: Side, idxs: list[int], roots: list[int], ignored: set[int] | None = None
+    ) -> Group:
+        """Breadth-first search over tensors: every layer whose channels must go with ``idxs``."""
+        ignored = self.ignored if ignored is None else ignored
+        edge_maps: dict[Edge, RootMap] = {}
+        records: dict[tuple[Node, Side], dict[int, int]] = {}
+        sources: dict[tuple[Node, Side], tuple[Node, Side]] = {}
+        param_dims: dict[Node, int] = {}
+        queue: deque[tuple[Edge, tuple[Node, Side]]] = deque()
+
+        def visit(edge: Edge, m: RootMap, origin: tuple[Node, Side]) -> None:
+            merged, changed = im.merge(edge_maps.get(edge), m)
+            if changed:
+                if edge.is_output:
+                    raise Barrier(
+                        f"it would change the shape of the model's output (produced by {edge.src.name})"
+                    )
+                edge_maps[edge] = merged
+                queue.append((edge, origin))
+
+        def at_module(
+            node: Node, s: Side, chans: list[int], croots: list[int], origin: tuple[Node, Side]
+        ) -> None:
+            if not chans:
+                return
+            coupled = self._coupled(node)
+            rec_side = "out" if coupled else s
+            if _depthwise_mult(node) and coupled:
+                chans, croots, rec_side = self._depthwise_to_in(node, s, chans, croots)
+            if id(node.module) in ignored and (rec_side == "out" or coupled):
+                raise Barrier(f"{node.name} is ignored, so its output channels cannot change")
+            rec = records.setdefault((node, rec_side), {})
+            new = [(c, r) for c, r in zip(chans, croots) if c not in rec]
+            if not new:
+                return
+            for c, r in new:
+                rec[c] = r
+            sources.setdefault((node, rec_side), origin)
+            here = (node, rec_side)
+            sides = ("in", "out") if coupled else (s,)
+            all_c, all_r = list(rec), list(rec.values())
+            for sd in sides:
+                for e in node.out_edges if sd == "out" else node.in_edges:
+                    if e is None:
+                        continue
+                    m = self._module_map(node, sd, e, all_c, all_r, rec_side, param_dims)
+                    if m is not None:
+                        visit(e, m, here)
+
+        at_module(root, side, idxs, roots, (root, side))
+        while queue:
+            edge, origin = queue.popleft()
+            m = edge_maps[edge]
+            src = edge.src
+            if src.is_module:
+                got = self._read_module(src, "out", edge, m, param_dims)
+                if got is not None:
+                    at_module(src, "out", *got, origin)
+            else:
+                for pos, r in propagation.backward(src, edge.src_pos, m):
+                    e = src.in_edges[pos]
+                    if e is not None:
+                        visit(e, r, origin)
+            for dst, pos in edge.dsts:
+                if dst.is_module:
+                    got = self._read_module(dst, "in", edge, m, param_dims)
+                    if got is not None:
+                        at_module(dst, "in", *got, origin)
+                else:
+                    for nr, r in propagation.forward(dst, pos, m):
+                        for e in dst.out_edges:
+                            if e.src_pos == nr:
+                                visit(e, r, origin)
+        return self._make_group(root, side, records, sources, param_dims, edge_maps)
+
+    def _make_group(
+        self,
+        root: Node,
+        side: Side,
+        records: dict,
+        sources: dict,
+        param_dims: dict,
+        edge_maps: dict[Edge, RootMap],
+    ) -> Group:
+        for node, dim in param_dims.items():
+            if node.pruning_dim is None:
+                node.pruning_dim = dim
+        items: list[GroupItem] = []
+        root_key = next(k for k in records if k[0] is root)
+        keys = [root_key] + [k for k in records if k != root_key]
+        for node, s in keys:
+            rec = records[(node, s)]
+            chans = sorted(rec)
+            src_node, src_side = sources[(node, s)]
+            fn = self._fn(node, s)
+            dep = Dependency(self._fn(src_node, src_side), fn, src_node, node, _mappings(rec))
+            items.append(GroupItem(dep, chans, [rec[c] for c in chans]))
+        group = Group(items, self, self._attribute_updates(edge_maps))
+        group._edge_maps = edge_maps
+        return group
+
+    def _update_shapes(self, group: Group) -> None:
+        """After a prune, shrink the recorded tensor shapes so the graph stays usable."""
+        for edge, m in getattr(group, "_edge_maps", {}).items():
+            shape = list(edge.shape)
+            kept = m.t < 0
+            for d in range(m.ndim):
+                if m.t.shape[d] == shape[d] and shape[d] > 1:
+                    shape[d] = int(kept.movedim(d, 0).reshape(shape[d], -1).any(dim=1).sum())
+            new = tuple(shape)
+            if new == edge.shape:
+                continue
+            edge.shape = new
+            src = edge.src
+            if src.type.is_virtual:
+                src.attrs["out_shapes"][edge.src_pos] = new
+            for dst, pos in edge.dsts:
+                dst.attrs["in_shapes"][pos] = new
+
+    def _attribute_updates(self, edge_maps: dict[Edge, RootMap]) -> list[tuple[nn.Module, str, Any, Any]]:
+        """Split sizes that change because channels of a split operand are pruned; sizes the model
+        keeps as module attributes (a list equal to the split sizes, or ``split_size``) follow."""
+        updates = []
+        for edge, m in edge_maps.items():
+            for dst, _pos in edge.dsts:
+                if dst.type != OpType.SPLIT or dst.owner is None or dst.attrs.get("op") == "Unbind":
+                    continue
+                dim = dst.attrs.get("dim", 0) % len(edge.shape)
+                if m.t.shape[dim] == 1:
+                    continue
+                pruned = (m.t >= 0).movedim(dim, 0).reshape(m.t.shape[dim], -1).any(dim=1)
+                old = [s[dim] for s in dst.attrs["out_shapes"]]
+                new, off = [], 0
+                for size in old:
+                    new.append(size - int(pruned[off : off + size].sum()))
+                    off += size
+                if new == old:
+                    continue
+                if "split_sizes" in dst.attrs:
+                    for attr, value in vars(dst.owner).items():
+                        if isinstance(value, (list, tuple)) and list(value) == old:
+                            updates.append((dst.owner, attr, value, type(value)(new)))
+                else:
+                    updates.append((dst.owner, "<chunks>", tuple(old), tuple(new)))
+                    size = dst.attrs.get("split_size")
+                    for attr, value in vars(dst.owner).items():
+                        if attr == "split_size" and value == size and len(set(new)) == 1:
+                            updates.append((dst.owner, attr, value, new[0]))
+        return updates
+
+    # ------------------------------------------------------------------ module helpers
+    def _pruner(self, node: Node) -> LayerPruner:
+        if node.type == OpType.PARAMETER:
+            return self._param_functions(node)[0].pruner
+        return node.pruner
+
+    def _coupled(self, node: Node) -> bool:
+        if node.type == OpType.PARAMETER:
+            return True
+        return bool(node.pruner.coupled(node.module))
+
+    def _channels(self, node: Node, side: Side) -> int | None:
+        if node.type == OpType.PARAMETER:
+            dim = node.pruning_dim
+            return node.module.shape[dim] if dim is not None else None
+        if node.type.is_virtual:
+            return None
+        pruner = node.pruner
+        return pruner.out_channels(node.module) if side == "out" else pruner.in_channels(node.module)
+
+    def _fn(self, node: Node, side: Side) -> Callable:
+        if node.type == OpType.PARAMETER:
+            out_fn, in_fn = self._param_functions(node)
+        elif node.type.is_virtual:
+            return _virtual_function(node)
+        else:
+            out_fn, in_fn = get_pruning_functions(node.pruner)
+            if _depthwise_mult(node):
+                from .pruning_functions import (
+                    prune_depthwise_conv_in_channels,
+                    prune_depthwise_conv_out_channels,
+                )
+
+                out_fn, in_fn = prune_depthwise_conv_out_channels, prune_depthwise_conv_in_channels
+        return out_fn if side == "out" else in_fn
+
+    def _param_functions(self, node: Node) -> tuple[PruningFunction, PruningFunction]:
+        key = (id(node), node.pruning_dim)
+        fns = self._param_fns.get(key)
+        if fns is None:
+            pruner = ParameterPruner(node.pruning_dim)
+            fns = (
+                _ParameterPruningFunction(pruner, "out", "prune_parameter_out_channels"),
+                _ParameterPruningFunction(pruner, "in", "prune_parameter_in_channels"),
+            )
+            self._param_fns[key] = fns
+        return fns
+
+    def _channel_dim(self, node: Node, side: Side, shape: tuple[int, ...], param_dims: dict) -> int | None:
+        nd = len(shape)
+        t = node.type
+        if t in (OpType.CONV, OpType.DEPTHWISE_CONV):
+            k = node.module.weight.dim() - 2
+            return 1 if nd == k + 2 else 0
+        if t in (OpType.BN, OpType.GN, OpType.IN, OpType.PRELU):
+            return 1 if nd >= 2 else 0
+        if t == OpType.PARAMETER:
+            dim = node.pruning_dim if node.pruning_dim is not None else param_dims.get(node)
+            return dim % nd if dim is not None else None
+        if t == OpType.CUSTOMIZED:
+            size = self._channels(node, side)
+            for d in [1, nd - 1] + list(range(nd)):
+                if 0 <= d < nd and shape[d] == size:
+                    return d
+            return None
+        return nd - 1
+
+    def _module_map(
+        self,
+        node: Node,
+        side: Side,
+        edge: Edge,
+        chans: list[int],
+        roots: list[int],
+        rec_side: Side,
+        param_dims: dict,
+    ) -> RootMap | None:
+        """Channel map on one of a module's tensors for the recorded channels."""
+        dim = self._channel_dim(node, side, edge.shape, param_dims)
+        if dim is None:
+            return None
+        size = edge.shape[dim]
+        mult = _depthwise_mult(node)
+        if mult and side == "out" and rec_side == "in":
+            chans, roots = _expand_blocks(chans, roots, mult)
+        n = self._channels(node, side)
+        if n is None or size == n:
+            return im.channel_map(len(edge.shape), dim, size, chans, roots)
+        if node.type == OpType.LSTM and side == "out" and size % n == 0:
+            k = size // n
+            return im.channel_map(
+                len(edge.shape), dim, size, [c + j * n for j in range(k) for c in chans], roots * k
+            )
+        return None
+
+    def _read_module(
+        self,
+        node: Node,
+        side: Side,
+        edge: Edge,
+        m: RootMap,
+        param_dims: dict,
+    ) -> tuple[list[int], list[int]] | None:
+        """Channels of a module implied by a map on one of its tensors."""
+        if node.type == OpType.PARAMETER and node.pruning_dim is None and node not in param_dims:
+            sq = im.squeeze_constant(m)
+            dims = [d for d in range(sq.ndim) if sq.t.shape[d] != 1]
+            if len(dims) != 1:
+                raise Barrier(f"cannot tell which dimension of {node.name} holds the channels")
+            param_dims[node] = dims[0]
+        dim = self._channel_dim(node, side, edge.shape, param_dims)
+        if dim is None:
+            return None
+        size = edge.shape[dim]
+        n = self._channels(node, side) if node.type != OpType.PARAMETER else size
+        if n is not None and size != n:
+            if node.type == OpType.LSTM and side == "out" and size % n == 0:
+                chans, roots = im.channels_at(m, dim, size)
+                folded: dict[int, int] = {}
+                for c, r in zip(chans, roots):
+                    folded.setdefault(c % n, r)
+                if len(chans) != len(folded) * (size // n):
+                    raise Barrier(f"{node.name}: forward and backward directions pruned differently")
+                return list(folded), list(folded.values())
+            return None
+        return im.channels_at(m, dim, size)
+
+    def _depthwise_to_in(
+        self,
+        node: Node,
+        side: Side,
+        chans: list[int],
+        roots: list[int],
+    ) -> tuple[list[int], list[int], Side]:
+        mult = node.module.out_channels // node.module.in_channels
+        if side == "in" or mult == 1:
+            return chans, roots, "in" if mult > 1 else "out"
+        # An output channel of a depthwise convolution goes with its input channel, and so with
+        # that input's whole block of outputs: the closure grows to whole blocks.
+        blocks: dict[int, int] = {}
+        for c, r in zip(chans, roots):
+            blocks.setdefault(c // mult, r)
+        return list(blocks), list(blocks.values()), "in"
+
+    def _fully_covered(self, group: Group) -> set[tuple[int, Side]]:
+        full = set()
+        for item in group:
+            node = item.dep.target
+            side = _side_of(item.dep.handler)
+            n = self._channels(node, side)
+            if n is not None and len(item.idxs) >= n:
+                full.add((id(node), side))
+                if self._coupled(node):
+                    full.add((id(node), "in" if side == "out" else "out"))
+        return full
+
+    def _ordered_module_nodes(self) -> list[Node]:
+        nodes = [n for n in self.nodes if n.is_module]
+        return sorted(nodes, key=lambda n: self._order.get(n.module, len(self._order)))
+
+
+def _root_key(g: Group) -> tuple[int, Side]:
+    return (id(g.root.dep.target), _side_of(g.root.dep.handler))
+
+
+def _side_of(fn: Callable) -> Side:
+    return getattr(fn, "side", "out")
+
+
+def _fn_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", repr(fn))
+
+
+def _depthwise_mult(node: Node) -> int:
+    """Output channels per input channel of a depthwise convolution (0 if it is not one now:
+    pruning a depthwise convolution down to one channel leaves an ordinary convolution)."""
+    m = node.module
+    if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+        return m.out_channels // m.in_channels
+    return 0
+
+
+def _expand_blocks(chans: list[int], roots: list[int], mult: int) -> tuple[list[int], list[int]]:
+    if mult == 1:
+        return chans, roots
+    return [c * mult + j for c in chans for j in range(mult)], [r for r in roots for _ in range(mult)]
+
+
+def _mappings(rec: dict[int, int]) -> tuple[Callable, Callable]:
+    to_target: dict[int, list[int]] = {}
+    for c, r in rec.items():
+        to_target.setdefault(r, []).append(c)
+
+    def root_to_target(idxs: Sequence[int]) -> list[int]:
+        return sorted(c for i in idxs for c in to_target.get(i, []))
+
+    def target_to_root(idxs: Sequence[int]) -> list[int]:
+        return sorted({rec[i] for i in idxs if i in rec})
+
+    return root_to_target, target_to_root
+
+
+class _VirtualFunction:
+    """Name-only pruning function of a virtual op (it owns no parameters)."""
+
+    side = "out"
+
+    def __init__(self, name: str) -> None:
+        self.__name__ = name
+
+    def __call__(self, module: Any, idxs: Sequence[int]) -> Any:
+        return module
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+_VIRTUAL: dict[OpType, _VirtualFunction] = {}
+
+
+def _virtual_function(node: Node) -> _VirtualFunction:
+    fn = _VIRTUAL.get(node.type)
+    if fn is None:
+        fn = _VIRTUAL[node.type] = _VirtualFunction(f"prune_{node.type.name.lower()}")
+    return fn
+
+
+def _unwrapped_dict(unwrapped: Any) -> dict[nn.Parameter, int | None]:
+    if unwrapped is None:
+        return {}
+    if isinstance(unwrapped, Mapping):
+        return dict(unwrapped)
+    out: dict[nn.Parameter, int | None] = {}
+    for entry in unwrapped:
+        if isinstance(entry, nn.Parameter):
+            out[entry] = None
+        else:
+            p, dim = entry
+            out[p] = dim
+    return out
+
+
+__all__ = ["DependencyGraph", "PruningError"]

@@ -1,0 +1,247 @@
+"""Index mapping: how a set of pruned channels moves through layout operations.
+
+A pruned channel set on a tensor is a :class:`RootMap`: an integer tensor that broadcasts to the
+tensor's shape, holding for every element the root channel it belongs to (``-1`` = kept).
+Dimensions that carry channel information are *explicit* (stored at full size); the others are
+stored with size 1 and mean "every position along this dimension". Layout ops (concat, split,
+view, permute, slice, expand...) are applied to the map with the same torch op, so the mapping
+is exact by construction; what cannot be expressed per channel raises :class:`Barrier`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+KEPT = -1
+
+
+class Barrier(Exception):
+    """A channel mapping that cannot be proven correct: the coupled layers are left unprunable."""
+
+
+@dataclass
+class RootMap:
+    """Root-channel ids of one tensor's pruned elements (see module docstring)."""
+
+    t: torch.Tensor
+    explicit: tuple[bool, ...]
+
+    @property
+    def ndim(self) -> int:
+        return self.t.dim()
+
+    def any(self) -> bool:
+        return bool((self.t >= 0).any())
+
+
+def channel_map(ndim: int, dim: int, size: int, idxs: Sequence[int], roots: Sequence[int]) -> RootMap:
+    """Map for a tensor whose channel dimension ``dim`` has ``size`` channels, ``idxs`` pruned."""
+    dim = dim % ndim
+    flat = torch.full((size,), KEPT, dtype=torch.long)
+    flat[torch.as_tensor(list(idxs), dtype=torch.long)] = torch.as_tensor(list(roots), dtype=torch.long)
+    shape = [1] * ndim
+    shape[dim] = size
+    return RootMap(flat.view(shape), tuple(d == dim for d in range(ndim)))
+
+
+def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
+    """Union of two maps of the same tensor; returns (merged, whether anything was added)."""
+    if old is None:
+        return new, new.any()
+    explicit = tuple(a or b for a, b in zip(old.explicit, new.explicit))
+    shape = torch.broadcast_shapes(old.t.shape, new.t.shape)
+    a, b = old.t.expand(shape), new.t.expand(shape)
+    added = (a < 0) & (b >= 0)
+    if not bool(added.any()):
+        return old, False
+    return RootMap(torch.where(a >= 0, a, b).contiguous(), explicit), True
+
+
+def squeeze_constant(m: RootMap, keep: Sequence[int] = ()) -> RootMap:
+    """Collapse explicit dimensions along which the map does not vary (except ``keep``)."""
+    t, explicit = m.t, list(m.explicit)
+    for d in range(t.dim()):
+        if d in keep or t.shape[d] == 1:
+            continue
+        first = t.narrow(d, 0, 1)
+        if bool((t == first).all()):
+            t = first
+            explicit[d] = False
+    return RootMap(t, tuple(explicit))
+
+
+def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
+    """Read the pruned channels of dimension ``dim`` (of ``size`` channels) from a map.
+
+    The map must not vary along any other dimension: otherwise a channel would be pruned at
+    some positions only, which no layer can do.
+    """
+    dim = dim % m.ndim
+    m = squeeze_constant(m, keep=(dim,))
+    others = [d for d in range(m.ndim) if d != dim and m.t.shape[d] != 1]
+    if others:
+        raise Barrier(f"the pruned channels vary along dimension(s) {others}, not only along dimension {dim}")
+    if m.t.shape[dim] == 1 and size != 1:
+        if bool((m.t >= 0).any()):
+            raise Barrier(f"every channel of dimension {dim} would be pruned")
+        return [], []
+    if m.t.shape[dim] != size:
+        raise Barrier(f"dimension {dim} has {m.t.shape[dim]} positions, the layer expects {size}")
+    flat = m.t.reshape(-1)
+    idxs = torch.nonzero(flat >= 0).flatten()
+    return idxs.tolist(), flat[idxs].tolist()
+
+
+def _align(m: RootMap, ndim: int) -> RootMap:
+    """Right-align a map to ``ndim`` dimensions (broadcasting rules)."""
+    if m.ndim == ndim:
+        return m
+    if m.ndim < ndim:
+        pad = ndim - m.ndim
+        return RootMap(m.t.reshape((1,) * pad + tuple(m.t.shape)), (False,) * pad + m.explicit)
+    extra = m.ndim - ndim
+    m = squeeze_constant(m, keep=range(extra, m.ndim))
+    if any(s != 1 for s in m.t.shape[:extra]):
+        raise Barrier("channels live on a dimension the result does not have")
+    return RootMap(m.t.reshape(m.t.shape[extra:]), m.explicit[extra:])
+
+
+def broadcast_to(m: RootMap, shape: Sequence[int]) -> RootMap | None:
+    """Map onto a broadcast operand or result of ``shape``; None when the operand is broadcast
+    along a channel dimension (then its elements are shared by several channels and stay)."""
+    m = _align(m, len(shape))
+    for d, size in enumerate(shape):
+        msize = m.t.shape[d]
+        if msize == 1:
+            continue
+        if size == 1:
+            return None
+        if size != msize:
+            raise Barrier(f"an elementwise op changes the size of channel dimension {d} ({msize} -> {size})")
+    return m
+
+
+def _blocks(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair up groups of dimensions of two shapes with the same number of elements that a
+    view maps onto each other (size-1 dimensions are left out)."""
+    ia = [i for i, s in enumerate(a) if s != 1]
+    ib = [i for i, s in enumerate(b) if s != 1]
+    out: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ia) and j < len(ib):
+        ga, gb = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(ia):
+                    raise Barrier("reshape between incompatible shapes")
+                ga.append(ia[i])
+                pa *= a[ia[i]]
+                i += 1
+            else:
+                if j >= len(ib):
+                    raise Barrier("reshape between incompatible shapes")
+                gb.append(ib[j])
+                pb *= b[ib[j]]
+                j += 1
+        out.append((ga, gb))
+    return out
+
+
+def reshape(m: RootMap, in_shape: Sequence[int], out_shape: Sequence[int]) -> RootMap:
+    """Map through a view/reshape/flatten/(un)squeeze. Only the blocks of dimensions that carry
+    channels are materialised, so the cost is the size of those blocks."""
+    if math.prod(in_shape) != math.prod(out_shape):
+        raise Barrier("reshape changes the number of elements")
+    m = squeeze_constant(m)
+    red_in = [1] * len(in_shape)
+    red_out = [1] * len(out_shape)
+    explicit = [False] * len(out_shape)
+    for ga, gb in _blocks(in_shape, out_shape):
+        if any(m.t.shape[d] != 1 for d in ga):
+            for d in ga:
+                red_in[d] = in_shape[d]
+            for d in gb:
+                red_out[d] = out_shape[d]
+                explicit[d] = True
+    for d, s in enumerate(m.t.shape):
+        if s != 1 and red_in[d] == 1 and in_shape[d] != 1:
+            raise Barrier("reshape lost a channel dimension")
+    return RootMap(m.t.expand(red_in).reshape(red_out), tuple(explicit))
+
+
+def permute(m: RootMap, dims: Sequence[int]) -> RootMap:
+    """Map through ``permute(dims)``."""
+    return RootMap(m.t.permute(*dims), tuple(m.explicit[d] for d in dims))
+
+
+def inverse_permutation(dims: Sequence[int]) -> list[int]:
+    inv = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inv[d] = i
+    return inv
+
+
+def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim: int) -> RootMap:
+    """Map of ``torch.cat`` of operands with maps ``maps`` (None = nothing pruned there)."""
+    ndim = len(shapes[0])
+    present = [m for m in maps if m is not None]
+    if all(m.t.shape[dim] == 1 for m in present):
+        # Channels live on another dimension: every operand shares them.
+        out = present[0]
+        for m in present[1:]:
+            out, _ = merge(out, m)
+        return out
+    shape = [1] * ndim
+    for m in present:
+        shape = list(torch.broadcast_shapes(tuple(shape), tuple(m.t.shape)))
+    parts = []
+    for m, s in zip(maps, shapes):
+        part_shape = list(shape)
+        part_shape[dim] = s[dim]
+        if m is None:
+            parts.append(torch.full(part_shape, KEPT, dtype=torch.long))
+        else:
+            parts.append(m.t.expand(part_shape))
+    explicit = tuple(any(m.explicit[d] for m in present) or d == dim for d in range(ndim))
+    return RootMap(torch.cat(parts, dim), explicit)
+
+
+def narrow(m: RootMap, dim: int, start: int, length: int) -> RootMap:
+    """Part of a map along ``dim`` (a split/concat operand); broadcast dims pass unchanged."""
+    if m.t.shape[dim] == 1:
+        return m
+    return RootMap(m.t.narrow(dim, start, length), m.explicit)
+
+
+def embed(m: RootMap, dim: int, start: int, total: int) -> RootMap:
+    """Place a map of one split output back into the map of the whole input."""
+    if m.t.shape[dim] == 1:
+        return m
+    shape = list(m.t.shape)
+    shape[dim] = total
+    t = torch.full(shape, KEPT, dtype=torch.long)
+    t.narrow(dim, start, m.t.shape[dim]).copy_(m.t)
+    return RootMap(t, m.explicit)
+
+
+def unsqueeze(m: RootMap, dim: int) -> RootMap:
+    ex = list(m.explicit)
+    ex.insert(dim, False)
+    return RootMap(m.t.unsqueeze(dim), tuple(ex))
+
+
+def drop_dim(m: RootMap, dim: int) -> RootMap:
+    """Remove a dimension along which the map must not vary."""
+    if m.t.shape[dim] != 1:
+        m = squeeze_constant(m, keep=[d for d in range(m.ndim) if d != dim])
+        if m.t.shape[dim] != 1:
+            raise Barrier(f"channels live on dimension {dim}, which the op removes")
+    ex = list(m.explicit)
+    del ex[dim]
+    return RootMap(m.t.squeeze(dim), tuple(ex))

@@ -1,0 +1,388 @@
+"""Autograd tracing: run the model once and turn its autograd graph into nodes and edges.
+
+The trace needs the structure of the computation, not its values, so it first runs on the
+``meta`` device (no arithmetic, no memory for activations). Models that need real values
+(data-dependent control flow) are traced on real tensors instead. Either way the model's own
+parameters, buffers, ``requires_grad`` flags, ``.grad`` and train/eval mode are left untouched:
+the forward pass runs through :func:`torch.func.functional_call` on stand-in tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .node import Edge, Node
+from .ops import OpType, grad_fn2type, grad_fn_name, is_known_grad_fn, module2type
+from .pruning_functions import LayerPruner, get_pruner
+
+# Modules whose inputs after the first are not channel inputs (e.g. an LSTM's initial state).
+_FIRST_INPUT_ONLY = (nn.LSTM, nn.GRU, nn.RNNBase)
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` with a tensor, a tuple/list (positional) or a dict (keyword arguments)."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    """All tensors inside a nested output: tuples, lists, dicts, dataclasses (HF ``ModelOutput``)."""
+    out: list[torch.Tensor] = []
+    stack = [obj]
+    seen: set[int] = set()
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif id(o) in seen or o is None or isinstance(o, (str, bytes, int, float, bool)):
+            continue
+        elif isinstance(o, Mapping):
+            seen.add(id(o))
+            stack.extend(reversed(list(o.values())))
+        elif isinstance(o, (tuple, list)):
+            seen.add(id(o))
+            stack.extend(reversed(o))
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            seen.add(id(o))
+            stack.extend(reversed([getattr(o, f.name) for f in dataclasses.fields(o)]))
+    return out
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a nested tuple/list/dict, keeping the structure."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return (
+            type(obj)(**{k: map_tensors(v, fn) for k, v in obj.items()})
+            if not isinstance(obj, dict)
+            else {k: map_tensors(v, fn) for k, v in obj.items()}
+        )
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def _shape(fn: Any, nr: int) -> tuple[int, ...]:
+    if hasattr(fn, "variable"):
+        return tuple(fn.variable.shape)
+    return tuple(fn._input_metadata[nr].shape)
+
+
+def _input_stand_in(t: torch.Tensor) -> torch.Tensor:
+    """Floating-point inputs require grad in the trace, so the graph sees where they are used
+    (their channels can never be pruned)."""
+    return t.requires_grad_(True) if t.is_floating_point() else t
+
+
+@dataclasses.dataclass
+class Trace:
+    """What the tracer found: the nodes, the module and parameter nodes by identity, and the
+    autograd op names it did not recognise."""
+
+    nodes: list[Node]
+    module_nodes: dict[nn.Module, Node]
+    param_nodes: dict[nn.Parameter, Node]
+    unknown_ops: set[str]
+    on_meta: bool
+
+
+def leaf_modules(
+    model: nn.Module,
+    customized: Mapping[type, LayerPruner] | None = None,
+) -> dict[nn.Module, tuple[str, LayerPruner]]:
+    """Modules the graph treats as single nodes: those with a pruner. Their children are not
+    visited (a module with a custom pruner is atomic)."""
+    found: dict[nn.Module, tuple[str, LayerPruner]] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        pruner = get_pruner(module, customized)
+        if pruner is not None:
+            found.setdefault(module, (prefix, pruner))
+            return
+        for name, child in module.named_children():
+            visit(child, f"{prefix}.{name}" if prefix else name)
+
+    visit(model, "")
+    return found
+
+
+def trace_model(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
+    unwrapped_parameters: Mapping[nn.Parameter, int | None] | None = None,
+    customized_pruners: Mapping[type, LayerPruner] | None = None,
+) -> Trace:
+    """Trace ``model`` on ``example_inputs`` and return its computational graph."""
+    leaves = leaf_modules(model, customized_pruners)
+    unwrapped_parameters = dict(unwrapped_parameters or {})
+    try:
+        return _trace(
+            model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves, meta=True
+        )
+    except Exception:  # noqa: BLE001 - any failure on meta means the model needs real values
+        return _trace(
+            model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves, meta=False
+        )
+
+
+def _trace(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Callable | None,
+    output_transform: Callable | None,
+    unwrapped: dict[nn.Parameter, int | None],
+    leaves: dict[nn.Module, tuple[str, LayerPruner]],
+    meta: bool,
+) -> Trace:
+    module_names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    if meta:
+        stand_in = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in params.items()}
+        stand_in.update({n: torch.empty_like(b, device="meta") for n, b in buffers.items()})
+        inputs = map_tensors(example_inputs, lambda t: _input_stand_in(torch.empty_like(t, device="meta")))
+    else:
+        stand_in = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        stand_in.update({n: b.clone() for n, b in buffers.items()})
+        inputs = map_tensors(example_inputs, lambda t: _input_stand_in(t.detach()))
+    input_ids = {id(t) for t in flatten_tensors(inputs) if t.requires_grad}
+    original_param = {id(stand_in[n]): p for n, p in params.items()}
+    param_names = {p: n for n, p in params.items()}
+
+    out_fn_module: dict[Any, nn.Module] = {}
+    module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
+    windows: list[tuple[int, int, nn.Module]] = []
+    open_calls: dict[int, list[int]] = {}
+    probe = torch.zeros((), device="meta", requires_grad=True)
+
+    def seq() -> int:
+        with torch.enable_grad():
+            return (probe * 1).grad_fn._sequence_nr()
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        open_calls.setdefault(id(module), []).append(seq())
+        if module in leaves:
+            tensors = flatten_tensors((args, kwargs))
+            if isinstance(module, _FIRST_INPUT_ONLY):
+                tensors = tensors[:1]
+            lst = module_inputs.setdefault(module, [])
+            for t in tensors:
+                lst.append(
+                    (t.grad_fn, t.output_nr)
+                    if t.grad_fn is not None
+                    else (_leaf_fn(t), 0)
+                    if t.requires_grad
+                    else None
+                )
+
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        start = open_calls[id(module)].pop()
+        windows.append((start, seq(), module))
+        if module in leaves:
+            for t in flatten_tensors(output):
+                if t.grad_fn is not None:
+                    out_fn_module.setdefault(t.grad_fn, module)
+
+    def _leaf_fn(t: torch.Tensor) -> Any:
+        # A parameter fed straight into a module: reach its AccumulateGrad node through a view.
+        return t.view_as(t).grad_fn.next_functions[0][0]
+
+    handles = []
+    for m in module_names:
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+    runner = _Runner(model, forward_fn or call_model, inputs)
+    try:
+        with torch.enable_grad():
+            out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
+            if output_transform is not None:
+                out = output_transform(out)
+    finally:
+        for h in handles:
+            h.remove()
+
+    outputs = [t for t in flatten_tensors(out) if t.grad_fn is not None]
+    if not outputs:
+        raise RuntimeError(
+            "the model's output has no tensor that depends on its parameters: "
+            "pass output_transform= to select the tensors to trace"
+        )
+
+    windows.sort(key=lambda w: w[0])
+    starts = [w[0] for w in windows]
+
+    def owner_of(fn: Any) -> nn.Module | None:
+        s = fn._sequence_nr()
+        i = bisect.bisect_right(starts, s) - 1
+        best = None
+        while i >= 0:
+            st, en, m = windows[i]
+            if st <= s <= en:
+                best = m
+                break
+            i -= 1
+        return best
+
+    nodes: list[Node] = []
+    module_nodes: dict[nn.Module, Node] = {}
+    param_nodes: dict[nn.Parameter, Node] = {}
+    fn_nodes: dict[Any, Node] = {}
+    edges: dict[tuple[int, int], Edge] = {}
+    unknown: set[str] = set()
+    pending: list[Node] = []
+
+    def node_of(fn: Any) -> Node:
+        node = fn_nodes.get(fn)
+        if node is not None:
+            return node
+        module = out_fn_module.get(fn)
+        if module is not None:
+            node = module_nodes.get(module)
+            if node is None:
+                name, pruner = leaves[module]
+                node = Node(module, fn, name, _leaf_type(module, pruner), pruner)
+                module_nodes[module] = node
+                nodes.append(node)
+                pending.append(node)
+        elif hasattr(fn, "variable"):
+            param = original_param.get(id(fn.variable))
+            if param is None:
+                if id(fn.variable) not in input_ids:
+                    raise RuntimeError(
+                        "the forward pass uses a tensor that requires grad but is neither a "
+                        "model parameter nor an example input"
+                    )
+                node = Node(None, fn, "input", OpType.INPUT)
+                node.attrs.update(op="input", in_shapes=[], out_shapes=[tuple(fn.variable.shape)])
+                nodes.append(node)
+                fn_nodes[fn] = node
+                return node
+            node = param_nodes.get(param)
+            if node is None:
+                node = Node(param, fn, param_names[param], OpType.PARAMETER)
+                node.pruning_dim = unwrapped.get(param) if param in unwrapped else None
+                param_nodes[param] = node
+                nodes.append(node)
+        else:
+            op_type = grad_fn2type(fn)
+            if op_type == OpType.ELEMENTWISE and not is_known_grad_fn(fn):
+                unknown.add(grad_fn_name(fn))
+            node = Node(None, fn, grad_fn_name(fn), op_type)
+            owner = owner_of(fn)
+            node.owner = owner
+            node.owner_name = module_names.get(owner) if owner is not None else None
+            nodes.append(node)
+            pending.append(node)
+        fn_nodes[fn] = node
+        return node
+
+    def edge_of(fn: Any, nr: int) -> Edge:
+        key = (id(fn), nr)
+        e = edges.get(key)
+        if e is None:
+            src = node_of(fn)
+            e = Edge(src, nr, _shape(fn, nr))
+            src.out_edges.append(e)
+            edges[key] = e
+        return e
+
+    for t in outputs:
+        edge_of(t.grad_fn, t.output_nr).is_output = True
+    while pending:
+        node = pending.pop()
+        if node.type.is_virtual:
+            srcs = node.grad_fn.next_functions
+            node.attrs["out_shapes"] = [tuple(m.shape) for m in node.grad_fn._input_metadata]
+        else:
+            srcs = module_inputs.get(node.module, [])
+        for fn_nr in srcs:
+            fn = fn_nr[0] if fn_nr is not None else None
+            if fn is None:
+                node.in_edges.append(None)
+                continue
+            e = edge_of(fn, fn_nr[1])
+            e.dsts.append((node, len(node.in_edges)))
+            node.in_edges.append(e)
+        node.attrs["in_shapes"] = [e.shape if e is not None else None for e in node.in_edges]
+        if node.type.is_virtual:
+            _read_saved(node)
+
+    for node in nodes:
+        for e in node.out_edges:
+            for dst, _ in e.dsts:
+                node.add_output(dst)
+                dst.add_input(node)
+    if not meta:
+        # Real-valued autograd nodes hold activations: keep only their names.
+        for node in nodes:
+            node.grad_fn = type(node.grad_fn).__name__
+    return Trace(nodes, module_nodes, param_nodes, unknown, meta)
+
+
+class _Runner(nn.Module):
+    """Wraps the model so that ``functional_call`` can run a user ``forward_fn`` on stand-ins."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any], inputs: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._fn, self._inputs = fn, inputs
+
+    def forward(self) -> Any:
+        return self._fn(self.model, self._inputs)
+
+
+def _leaf_type(module: nn.Module, pruner: LayerPruner) -> OpType:
+    t = module2type(module)
+    if t == OpType.ELEMENTWISE:
+        return OpType.CUSTOMIZED
+    return t
+
+
+_SAVED = (
+    "dim",
+    "keepdim",
+    "split_size",
+    "split_sizes",
+    "dims",
+    "dim0",
+    "dim1",
+    "start",
+    "end",
+    "step",
+    "index",
+    "repeats",
+    "self_sym_sizes",
+)
+
+
+def _read_saved(node: Node) -> None:
+    """Copy the autograd node's saved scalars (dims, sizes...) that index mapping needs."""
+    fn = node.grad_fn
+    node.attrs["op"] = grad_fn_name(fn)
+    for key in _SAVED:
+        attr = f"_saved_{key}"
+        if hasattr(fn, attr):
+            try:
+                node.attrs[key] = getattr(fn, attr)
+            except RuntimeError:
+                continue
+    if grad_fn_name(fn) == "Index" and hasattr(fn, "_saved_indices"):
+        try:
+            node.attrs["indexed_dims"] = [i for i, ix in enumerate(fn._saved_indices) if ix is not None]
+        except RuntimeError:
+            node.attrs["indexed_dims"] = None
