@@ -52,6 +52,7 @@ __all__ = [
     "get_pruning_functions",
     "normalize_idxs",
     "once_per_parameter",
+    "track_parameter_updates",
     "prune_batchnorm_in_channels",
     "prune_batchnorm_out_channels",
     "prune_conv_in_channels",
@@ -150,6 +151,28 @@ def once_per_parameter() -> Iterator[None]:
         _SLICED.reset(token)
 
 
+ParamUpdate = tuple[nn.Parameter, tuple[int, ...], Callable[[Tensor], Tensor]]
+_UPDATES: contextvars.ContextVar[list[ParamUpdate] | None] = contextvars.ContextVar(
+    "prune_callbacks_updates", default=None
+)
+
+
+@contextlib.contextmanager
+def track_parameter_updates() -> Iterator[list[ParamUpdate]]:
+    """Record every in-place parameter change made inside the block.
+
+    Yields a list that fills with ``(param, old_shape, fn)``: ``fn`` maps any tensor shaped like
+    the old parameter (an optimizer's momentum, Adam moments, an importance accumulator) to the
+    matching tensor for the pruned parameter, so such state can follow the prune exactly.
+    """
+    log: list[ParamUpdate] = []
+    token = _UPDATES.set(log)
+    try:
+        yield log
+    finally:
+        _UPDATES.reset(token)
+
+
 def _update_param(param: Tensor, fn: Callable[[Tensor], Tensor], dim: int) -> None:
     """Replace ``param``'s data (and gradient) by ``fn`` of them, keeping the Parameter object.
 
@@ -162,6 +185,9 @@ def _update_param(param: Tensor, fn: Callable[[Tensor], Tensor], dim: int) -> No
         if key in sliced:
             return
         sliced[key] = param
+    log = _UPDATES.get()
+    if log is not None:
+        log.append((param, tuple(param.shape), fn))
     param.data = fn(param.data)
     if param.grad is not None:
         param.grad = fn(param.grad)
