@@ -100,6 +100,10 @@ class Group:
         self._group = items
         self._DG = graph
         self.attribute_updates = attribute_updates or []
+        # Set on attention groups: the root's channels form this many equal consecutive blocks
+        # (heads, or key/value heads with their query heads); prune whole blocks or the same
+        # offsets in every block.
+        self.head_blocks: int | None = None
 
     def __len__(self) -> int:
         return len(self._group)

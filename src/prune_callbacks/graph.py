@@ -155,7 +155,12 @@ class DependencyGraph:
             raise TypeError(f"{pruning_fn!r} is not a pruning function (use e.g. prune_conv_out_channels)")
         idxs = sorted({int(i) for i in idxs})
         try:
-            return self._closure(node, side, idxs, idxs)
+            # One root id for all chosen channels: they are removed together, so only the
+            # pruned/kept pattern matters.
+            pruner = getattr(pruning_fn, "pruner", None)
+            is_param = isinstance(pruner, ParameterPruner) and node.type == OpType.PARAMETER
+            dim = pruner.dim if is_param else None
+            return self._closure(node, side, idxs, [0] * len(idxs), root_dim=dim)
         except Barrier as b:
             raise ValueError(f"cannot prune {node.name}: {b}") from None
 
@@ -174,15 +179,27 @@ class DependencyGraph:
         blocked: list[str] = []
         for node in self._ordered_module_nodes():
             module = node.module
-            if id(module) in ignored or not isinstance(module, root_types):
+            if id(module) in ignored:
                 continue
-            if (id(node), "out") in covered:
+            if node.type == OpType.PARAMETER:
+                if not self._matmul_weight(node):
+                    continue
+            elif not isinstance(module, root_types):
                 continue
-            n = self._channels(node, "out")
+            root_dim = None
+            if node.type == OpType.PARAMETER:
+                root_dim = (node.pruning_dim if node.pruning_dim is not None else 1) % node.module.dim()
+            if _cover_key(node, "out", root_dim) in covered:
+                continue
+            n = self._channels(node, "out", root_dim)
             if not n or n < 2:
                 continue
+            head_dim = self._head_split(node, n)
             try:
-                group = self._closure(node, "out", list(range(n)), list(range(n)), ignored)
+                if head_dim:
+                    group = self._head_group(node, n, head_dim, ignored, root_dim)
+                else:
+                    group = self._closure(node, "out", list(range(n)), list(range(n)), ignored, root_dim)
             except OutputBarrier:
                 continue
             except Barrier as b:
@@ -199,11 +216,78 @@ class DependencyGraph:
         # Drop a group whose root is fully contained in a larger later group.
         result = []
         for g, full in groups:
-            root_key = (id(g.root.dep.target), _side_of(g.root.dep.handler))
+            root_key = _root_key(g)
             if any(h is not g and root_key in hfull and _root_key(h) not in full for h, hfull in groups):
                 continue
             result.append(g)
         return result
+
+    def _matmul_weight(self, node: Node) -> bool:
+        """A bare 2-D parameter used as the right operand of a matrix product is a linear layer
+        written by hand (e.g. Hugging Face's ``Conv1D``): a root, pruned along its last dim."""
+        if node.module.dim() != 2:
+            return False
+        for e in node.out_edges:
+            for dst, pos in e.dsts:
+                roles = propagation._MATMUL_ROLES.get(dst.attrs.get("op", ""))
+                if dst.type == OpType.MATMUL and roles and pos == roles[1]:
+                    return node.pruning_dim in (None, 1, -1)
+        return False
+
+    def _head_split(self, node: Node, n: int) -> int | None:
+        """Head size when the layer's output channels are reshaped into (heads, head size) on the
+        way to an attention product (found by a short walk over the ops after the layer)."""
+        frontier = list(node.out_edges)
+        seen: set[int] = set()
+        for _ in range(8):
+            nxt = []
+            for e in frontier:
+                for dst, _pos in e.dsts:
+                    if id(dst) in seen or not dst.type.is_virtual:
+                        continue
+                    seen.add(id(dst))
+                    if dst.type == OpType.RESHAPE:
+                        src, out = dst.attrs["in_shapes"][0], dst.attrs["out_shapes"][0]
+                        if (
+                            len(out) == len(src) + 1
+                            and out[-2] > 1
+                            and out[-1] > 1
+                            and out[-2] * out[-1] == src[-1]
+                            and src[:-1] == out[:-2]
+                        ):
+                            return out[-1]
+                    if dst.type in (
+                        OpType.ELEMENTWISE,
+                        OpType.SPLIT,
+                        OpType.RESHAPE,
+                        OpType.PERMUTE,
+                        OpType.MATMUL,
+                    ):
+                        nxt.extend(dst.out_edges)
+            frontier = nxt
+        return None
+
+    def _head_group(
+        self, node: Node, n: int, head_dim: int, ignored: set[int], root_dim: int | None = None
+    ) -> Group:
+        """Full-index group of an attention projection, scored and pruned by heads: each root
+        channel's id is its block's first channel. Under grouped-query attention a block is a
+        key/value head with its query heads (the smallest block size that works)."""
+        error: Barrier | None = None
+        for b in range(head_dim, n + 1, head_dim):
+            if n % b or b == n:
+                continue
+            try:
+                roots = [c - c % b for c in range(n)]
+                group = self._closure(node, "out", list(range(n)), roots, ignored, root_dim)
+            except OutputBarrier:
+                raise
+            except Barrier as exc:
+                error = error or exc
+                continue
+            group.head_blocks = n // b
+            return group
+        raise error or Barrier("no head structure could be pruned")
 
     def check_pruning_group(self, group: Group) -> bool:
         """Whether pruning ``group`` leaves a valid model (see :meth:`explain_pruning_group`)."""
@@ -215,7 +299,8 @@ class DependencyGraph:
         for item in group:
             node, fn = item.dep.target, item.dep.handler
             side = _side_of(fn)
-            n = self._channels(node, side)
+            pruner = getattr(fn, "pruner", None)
+            n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
             idxs = set(item.idxs)
             if n is None:
                 continue
@@ -303,14 +388,20 @@ class DependencyGraph:
 
     # ------------------------------------------------------------------ closure (BFS)
     def _closure(
-        self, root: Node, side: Side, idxs: list[int], roots: list[int], ignored: set[int] | None = None
+        self,
+        root: Node,
+        side: Side,
+        idxs: list[int],
+        roots: list[int],
+        ignored: set[int] | None = None,
+        root_dim: int | None = None,
     ) -> Group:
         """Breadth-first search over tensors: every layer whose channels must go with ``idxs``."""
         ignored = self.ignored if ignored is None else ignored
         edge_maps: dict[Edge, RootMap] = {}
         records: dict[tuple[Node, Side], dict[int, int]] = {}
         sources: dict[tuple[Node, Side], tuple[Node, Side]] = {}
-        param_dims: dict[Node, int] = {}
+        param_dims: dict[Node, int] = {root: root_dim} if root_dim is not None else {}
         queue: deque[tuple[Edge, tuple[Node, Side]]] = deque()
 
         def visit(edge: Edge, m: RootMap, origin: tuple[Node, Side]) -> None:
@@ -362,9 +453,8 @@ class DependencyGraph:
                 if got is not None:
                     at_module(src, "out", *got, origin)
             else:
-                for pos, r in propagation.backward(src, edge.src_pos, m):
-                    e = src.in_edges[pos]
-                    if e is not None:
+                for kind, i, r in _through(propagation.from_output, src, edge.src_pos, m):
+                    for e in _edges_at(src, kind, i):
                         visit(e, r, origin)
             for dst, pos in edge.dsts:
                 if dst.is_module:
@@ -372,10 +462,9 @@ class DependencyGraph:
                     if got is not None:
                         at_module(dst, "in", *got, origin)
                 else:
-                    for nr, r in propagation.forward(dst, pos, m):
-                        for e in dst.out_edges:
-                            if e.src_pos == nr:
-                                visit(e, r, origin)
+                    for kind, i, r in _through(propagation.from_input, dst, pos, m):
+                        for e in _edges_at(dst, kind, i):
+                            visit(e, r, origin)
         return self._make_group(root, side, records, sources, param_dims, edge_maps)
 
     def _make_group(
@@ -387,9 +476,6 @@ class DependencyGraph:
         param_dims: dict,
         edge_maps: dict[Edge, RootMap],
     ) -> Group:
-        for node, dim in param_dims.items():
-            if node.pruning_dim is None:
-                node.pruning_dim = dim
         items: list[GroupItem] = []
         root_key = next(k for k in records if k[0] is root)
         keys = [root_key] + [k for k in records if k != root_key]
@@ -397,8 +483,9 @@ class DependencyGraph:
             rec = records[(node, s)]
             chans = sorted(rec)
             src_node, src_side = sources[(node, s)]
-            fn = self._fn(node, s)
-            dep = Dependency(self._fn(src_node, src_side), fn, src_node, node, _mappings(rec))
+            fn = self._fn(node, s, param_dims.get(node))
+            trigger = self._fn(src_node, src_side, param_dims.get(src_node))
+            dep = Dependency(trigger, fn, src_node, node, _mappings(rec))
             items.append(GroupItem(dep, chans, [rec[c] for c in chans]))
         group = Group(items, self, self._attribute_updates(edge_maps))
         group._edge_maps = edge_maps
@@ -407,12 +494,7 @@ class DependencyGraph:
     def _update_shapes(self, group: Group) -> None:
         """After a prune, shrink the recorded tensor shapes so the graph stays usable."""
         for edge, m in getattr(group, "_edge_maps", {}).items():
-            shape = list(edge.shape)
-            kept = m.t < 0
-            for d in range(m.ndim):
-                if m.t.shape[d] == shape[d] and shape[d] > 1:
-                    shape[d] = int(kept.movedim(d, 0).reshape(shape[d], -1).any(dim=1).sum())
-            new = tuple(shape)
+            new = _pruned_shape(edge.shape, m)
             if new == edge.shape:
                 continue
             edge.shape = new
@@ -423,9 +505,9 @@ class DependencyGraph:
                 dst.attrs["in_shapes"][pos] = new
 
     def _attribute_updates(self, edge_maps: dict[Edge, RootMap]) -> list[tuple[nn.Module, str, Any, Any]]:
-        """Split sizes that change because channels of a split operand are pruned; sizes the model
-        keeps as module attributes (a list equal to the split sizes, or ``split_size``) follow."""
-        updates = []
+        """Size attributes of the modules that run reshapes and splits, kept true after pruning:
+        head counts, head sizes and merged sizes of attention reshapes, split sizes."""
+        updates = self._reshape_attribute_updates(edge_maps)
         for edge, m in edge_maps.items():
             for dst, _pos in edge.dsts:
                 if dst.type != OpType.SPLIT or dst.owner is None or dst.attrs.get("op") == "Unbind":
@@ -453,6 +535,35 @@ class DependencyGraph:
                             updates.append((dst.owner, attr, value, new[0]))
         return updates
 
+    def _reshape_attribute_updates(
+        self, edge_maps: dict[Edge, RootMap]
+    ) -> list[tuple[nn.Module, str, Any, Any]]:
+        updates: list[tuple[nn.Module, str, Any, Any]] = []
+        done: set[tuple[int, str]] = set()
+        for edge, m in edge_maps.items():
+            node = edge.src
+            if node.type != OpType.RESHAPE or node.owner is None:
+                continue
+            old, new = edge.shape, _pruned_shape(edge.shape, m)
+            if old == new:
+                continue
+            src = node.attrs["in_shapes"][0]
+            split = len(old) == len(src) + 1 and old[:-2] == tuple(src[:-1])
+            for d in range(len(old)):
+                if old[d] == new[d]:
+                    continue
+                if split and d == len(old) - 1:
+                    names = HEAD_DIM_ATTRS
+                elif split and d == len(old) - 2:
+                    names = HEADS_ATTRS
+                else:
+                    names = SIZE_ATTRS
+                for attr in names:
+                    if getattr(node.owner, attr, None) == old[d] and (id(node.owner), attr) not in done:
+                        done.add((id(node.owner), attr))
+                        updates.append((node.owner, attr, old[d], new[d]))
+        return updates
+
     # ------------------------------------------------------------------ module helpers
     def _pruner(self, node: Node) -> LayerPruner:
         if node.type == OpType.PARAMETER:
@@ -464,18 +575,20 @@ class DependencyGraph:
             return True
         return bool(node.pruner.coupled(node.module))
 
-    def _channels(self, node: Node, side: Side) -> int | None:
+    def _channels(self, node: Node, side: Side, dim: int | None = None) -> int | None:
         if node.type == OpType.PARAMETER:
-            dim = node.pruning_dim
+            dim = node.pruning_dim if node.pruning_dim is not None else dim
             return node.module.shape[dim] if dim is not None else None
         if node.type.is_virtual:
             return None
         pruner = node.pruner
         return pruner.out_channels(node.module) if side == "out" else pruner.in_channels(node.module)
 
-    def _fn(self, node: Node, side: Side) -> Callable:
+    def _fn(self, node: Node, side: Side, dim: int | None = None) -> Callable:
         if node.type == OpType.PARAMETER:
-            out_fn, in_fn = self._param_functions(node)
+            out_fn, in_fn = self._param_functions(
+                node, node.pruning_dim if node.pruning_dim is not None else dim
+            )
         elif node.type.is_virtual:
             return _virtual_function(node)
         else:
@@ -489,11 +602,11 @@ class DependencyGraph:
                 out_fn, in_fn = prune_depthwise_conv_out_channels, prune_depthwise_conv_in_channels
         return out_fn if side == "out" else in_fn
 
-    def _param_functions(self, node: Node) -> tuple[PruningFunction, PruningFunction]:
-        key = (id(node), node.pruning_dim)
+    def _param_functions(self, node: Node, dim: int | None) -> tuple[PruningFunction, PruningFunction]:
+        key = (id(node), dim)
         fns = self._param_fns.get(key)
         if fns is None:
-            pruner = ParameterPruner(node.pruning_dim)
+            pruner = ParameterPruner(dim)
             fns = (
                 _ParameterPruningFunction(pruner, "out", "prune_parameter_out_channels"),
                 _ParameterPruningFunction(pruner, "in", "prune_parameter_in_channels"),
@@ -512,9 +625,11 @@ class DependencyGraph:
         if t == OpType.PARAMETER:
             dim = node.pruning_dim if node.pruning_dim is not None else param_dims.get(node)
             return dim % nd if dim is not None else None
-        if t == OpType.CUSTOMIZED:
-            size = self._channels(node, side)
-            for d in [1, nd - 1] + list(range(nd)):
+        size = self._channels(node, side, param_dims.get(node))
+        if t == OpType.CUSTOMIZED or (t == OpType.LN and size is not None and shape[-1] != size):
+            # Unknown layout (or a channels-first LayerNorm that permutes inside): the dimension
+            # with the channel count, preferring the channels-first and channels-last positions.
+            for d in [1, nd - 1, *range(nd)]:
                 if 0 <= d < nd and shape[d] == size:
                     return d
             return None
@@ -538,7 +653,7 @@ class DependencyGraph:
         mult = _depthwise_mult(node)
         if mult and side == "out" and rec_side == "in":
             chans, roots = _expand_blocks(chans, roots, mult)
-        n = self._channels(node, side)
+        n = self._channels(node, side, param_dims.get(node))
         if n is None or size == n:
             return im.channel_map(len(edge.shape), dim, size, chans, roots)
         if node.type == OpType.LSTM and side == "out" and size % n == 0:
@@ -597,15 +712,16 @@ class DependencyGraph:
             blocks.setdefault(c // mult, r)
         return list(blocks), list(blocks.values()), "in"
 
-    def _fully_covered(self, group: Group) -> set[tuple[int, Side]]:
+    def _fully_covered(self, group: Group) -> set[tuple[int, str]]:
         full = set()
         for item in group:
             node = item.dep.target
             side = _side_of(item.dep.handler)
-            n = self._channels(node, side)
+            pruner = getattr(item.dep.handler, "pruner", None)
+            n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
             if n is not None and len(item.idxs) >= n:
-                full.add((id(node), side))
-                if self._coupled(node):
+                full.add(_item_key(item))
+                if self._coupled(node) and node.type != OpType.PARAMETER:
                     full.add((id(node), "in" if side == "out" else "out"))
         return full
 
@@ -614,8 +730,38 @@ class DependencyGraph:
         return sorted(nodes, key=lambda n: self._order.get(n.module, len(self._order)))
 
 
-def _root_key(g: Group) -> tuple[int, Side]:
-    return (id(g.root.dep.target), _side_of(g.root.dep.handler))
+def _through(rule: Callable, node: Node, i: int, m: RootMap) -> list[tuple[str, int, RootMap]]:
+    """Apply a propagation rule; a barrier names the op and the module that ran it."""
+    try:
+        return rule(node, i, m)
+    except Barrier as b:
+        where = f" in {node.owner_name}" if node.owner_name else ""
+        raise Barrier(f"{b} (at {node.attrs.get('op', node.type.name)}{where})") from None
+
+
+def _edges_at(node: Node, kind: str, i: int) -> list[Edge]:
+    """The node's input edge at position ``i`` or its output edges with output number ``i``."""
+    if kind == "in":
+        e = node.in_edges[i]
+        return [e] if e is not None else []
+    return [e for e in node.out_edges if e.src_pos == i]
+
+
+def _cover_key(node: Node, side: Side, dim: int | None = None) -> tuple[int, str]:
+    """Identity of a prunable channel set: a module side, or a bare parameter's dimension."""
+    if node.type == OpType.PARAMETER:
+        return (id(node), f"dim{dim}")
+    return (id(node), side)
+
+
+def _item_key(item: GroupItem) -> tuple[int, str]:
+    pruner = getattr(item.dep.handler, "pruner", None)
+    dim = pruner.dim % item.dep.target.module.dim() if isinstance(pruner, ParameterPruner) else None
+    return _cover_key(item.dep.target, _side_of(item.dep.handler), dim)
+
+
+def _root_key(g: Group) -> tuple[int, str]:
+    return _item_key(g.root)
 
 
 def _side_of(fn: Callable) -> Side:
@@ -624,6 +770,43 @@ def _side_of(fn: Callable) -> Side:
 
 def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", repr(fn))
+
+
+HEADS_ATTRS = (
+    "num_heads",
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_key_value_heads",
+    "num_kv_heads",
+    "n_kv_heads",
+    "heads",
+    "num_attn_heads",
+)
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "dim_head", "d_k", "kv_head_dim")
+SIZE_ATTRS = (
+    "all_head_size",
+    "embed_dim",
+    "hidden_size",
+    "inner_dim",
+    "nf",
+    "split_size",
+    "d_model",
+    "attention_dim",
+    "kv_dim",
+    "q_dim",
+    "proj_size",
+)
+
+
+def _pruned_shape(shape: tuple[int, ...], m: RootMap) -> tuple[int, ...]:
+    """Shape of a tensor after the elements marked in ``m`` are removed."""
+    out = list(shape)
+    kept = m.t < 0
+    for d in range(m.ndim):
+        if m.t.shape[d] == shape[d] and shape[d] > 1:
+            out[d] = int(kept.movedim(d, 0).reshape(shape[d], -1).any(dim=1).sum())
+    return tuple(out)
 
 
 def _depthwise_mult(node: Node) -> int:
@@ -642,12 +825,11 @@ def _expand_blocks(chans: list[int], roots: list[int], mult: int) -> tuple[list[
 
 
 def _mappings(rec: dict[int, int]) -> tuple[Callable, Callable]:
-    to_target: dict[int, list[int]] = {}
-    for c, r in rec.items():
-        to_target.setdefault(r, []).append(c)
+    """Index mappings of a group item: root indices -> target indices and back."""
 
     def root_to_target(idxs: Sequence[int]) -> list[int]:
-        return sorted(c for i in idxs for c in to_target.get(i, []))
+        wanted = set(idxs)
+        return sorted(c for c, r in rec.items() if r in wanted)
 
     def target_to_root(idxs: Sequence[int]) -> list[int]:
         return sorted({rec[i] for i in idxs if i in rec})

@@ -53,8 +53,11 @@ def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     if old is None:
         return new, new.any()
     explicit = tuple(a or b for a, b in zip(old.explicit, new.explicit))
-    shape = torch.broadcast_shapes(old.t.shape, new.t.shape)
-    a, b = old.t.expand(shape), new.t.expand(shape)
+    if old.t.shape == new.t.shape:
+        a, b = old.t, new.t
+    else:
+        shape = tuple(max(x, y) for x, y in zip(old.t.shape, new.t.shape))
+        a, b = old.t.expand(shape), new.t.expand(shape)
     added = (a < 0) & (b >= 0)
     if not bool(added.any()):
         return old, False
@@ -74,6 +77,31 @@ def squeeze_constant(m: RootMap, keep: Sequence[int] = ()) -> RootMap:
     return RootMap(t, tuple(explicit))
 
 
+def constant_along(m: RootMap, dim: int) -> bool:
+    """Whether the map is the same at every position along ``dim``.
+
+    Root ids are compared, not just pruned/kept: in a full-index group every root channel is an
+    independent choice, so a pattern is only fixed along ``dim`` if the same roots sit there.
+    (Subset groups use a single root id, where this is the pruned/kept pattern.)
+    """
+    if m.t.shape[dim] == 1:
+        return True
+    return bool((m.t == m.t.narrow(dim, 0, 1)).all())
+
+
+def collapse(m: RootMap, dims: Sequence[int], why: str) -> RootMap:
+    """Make the map broadcast along ``dims``; it must not vary along them."""
+    t, explicit = m.t, list(m.explicit)
+    for d in dims:
+        if t.shape[d] == 1:
+            continue
+        if not bool((t == t.narrow(d, 0, 1)).all()):
+            raise Barrier(why)
+        t = t.narrow(d, 0, 1)
+        explicit[d] = False
+    return RootMap(t, tuple(explicit))
+
+
 def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
     """Read the pruned channels of dimension ``dim`` (of ``size`` channels) from a map.
 
@@ -81,10 +109,8 @@ def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
     some positions only, which no layer can do.
     """
     dim = dim % m.ndim
-    m = squeeze_constant(m, keep=(dim,))
-    others = [d for d in range(m.ndim) if d != dim and m.t.shape[d] != 1]
-    if others:
-        raise Barrier(f"the pruned channels vary along dimension(s) {others}, not only along dimension {dim}")
+    m = collapse(m, [d for d in range(m.ndim) if d != dim],
+                 f"the pruned channels vary along other dimensions than dimension {dim}")
     if m.t.shape[dim] == 1 and size != 1:
         if bool((m.t >= 0).any()):
             raise Barrier(f"every channel of dimension {dim} would be pruned")
@@ -104,9 +130,7 @@ def _align(m: RootMap, ndim: int) -> RootMap:
         pad = ndim - m.ndim
         return RootMap(m.t.reshape((1,) * pad + tuple(m.t.shape)), (False,) * pad + m.explicit)
     extra = m.ndim - ndim
-    m = squeeze_constant(m, keep=range(extra, m.ndim))
-    if any(s != 1 for s in m.t.shape[:extra]):
-        raise Barrier("channels live on a dimension the result does not have")
+    m = collapse(m, range(extra), "channels live on a dimension the result does not have")
     return RootMap(m.t.reshape(m.t.shape[extra:]), m.explicit[extra:])
 
 
@@ -199,7 +223,17 @@ def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim:
         return out
     shape = [1] * ndim
     for m in present:
-        shape = list(torch.broadcast_shapes(tuple(shape), tuple(m.t.shape)))
+        shape = [max(x, y) for x, y in zip(shape, m.t.shape)]
+    explicit = tuple(any(m.explicit[d] for m in present) or d == dim for d in range(ndim))
+    if len(present) == 1:
+        # One operand carries channels (the common case): place it, no per-operand tensors.
+        i = next(k for k, m in enumerate(maps) if m is not None)
+        start = sum(s[dim] for s in shapes[:i])
+        shape[dim] = sum(s[dim] for s in shapes)
+        out = torch.full(shape, KEPT, dtype=torch.long)
+        region = out.narrow(dim, start, shapes[i][dim])
+        region.copy_(present[0].t.expand(region.shape))
+        return RootMap(out, explicit)
     parts = []
     for m, s in zip(maps, shapes):
         part_shape = list(shape)
@@ -208,7 +242,6 @@ def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim:
             parts.append(torch.full(part_shape, KEPT, dtype=torch.long))
         else:
             parts.append(m.t.expand(part_shape))
-    explicit = tuple(any(m.explicit[d] for m in present) or d == dim for d in range(ndim))
     return RootMap(torch.cat(parts, dim), explicit)
 
 
@@ -238,10 +271,7 @@ def unsqueeze(m: RootMap, dim: int) -> RootMap:
 
 def drop_dim(m: RootMap, dim: int) -> RootMap:
     """Remove a dimension along which the map must not vary."""
-    if m.t.shape[dim] != 1:
-        m = squeeze_constant(m, keep=[d for d in range(m.ndim) if d != dim])
-        if m.t.shape[dim] != 1:
-            raise Barrier(f"channels live on dimension {dim}, which the op removes")
+    m = collapse(m, [dim], f"channels live on dimension {dim}, which the op removes")
     ex = list(m.explicit)
     del ex[dim]
     return RootMap(m.t.squeeze(dim), tuple(ex))

@@ -179,6 +179,7 @@ KNOWN_ELEMENTWISE = frozenset(
         "Softsign",
         "Softmax",
         "LogSoftmax",
+        "SafeSoftmax",
         "Threshold",
         "Where",
         "MaskedFill",

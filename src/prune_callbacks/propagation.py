@@ -5,6 +5,11 @@ model used."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
+import torch
+
 from . import index_mapping as im
 from .index_mapping import Barrier, RootMap
 from .node import Node
@@ -32,6 +37,15 @@ def _cat_sizes(node: Node, dim: int) -> list[int]:
     return known  # type: ignore[return-value]
 
 
+def _hit_regions(m: RootMap, dim: int, offsets: list[int]) -> list[int]:
+    """Indices of the consecutive regions (bounded by ``offsets``) along ``dim`` that hold pruned
+    elements; every region when the map is broadcast along ``dim``."""
+    if m.t.shape[dim] == 1:
+        return list(range(len(offsets) - 1))
+    hit = (m.t >= 0).movedim(dim, 0).reshape(m.t.shape[dim], -1).any(dim=1).nonzero().flatten().tolist()
+    return sorted({bisect.bisect_right(offsets, h) - 1 for h in hit})
+
+
 def _reduced_dims(node: Node, ndim: int) -> list[int]:
     dims = node.attrs.get("dim")
     if dims is None or dims == () or dims == []:
@@ -54,8 +68,27 @@ def _perm(node: Node, ndim: int) -> list[int]:
 
 
 def _trivial_on(m: RootMap, dims: list[int]) -> bool:
-    m = im.squeeze_constant(m)
-    return all(m.t.shape[d] == 1 for d in dims)
+    """Whether the pruned pattern is constant along ``dims``."""
+    return all(im.constant_along(m, d) for d in dims)
+
+
+def from_input(node: Node, pos: int, m: RootMap) -> list[tuple[str, int, RootMap]]:
+    """Maps implied on the node's other tensors by map ``m`` on its input ``pos``, tagged
+    ``("out", output number, map)`` or ``("in", input position, map)``."""
+    if node.type == OpType.MATMUL:
+        return _matmul(node, ("in", pos), m)
+    if node.type == OpType.ATTENTION:
+        return _attention(node, ("in", pos), m)
+    return [("out", k, r) for k, r in forward(node, pos, m)]
+
+
+def from_output(node: Node, nr: int, m: RootMap) -> list[tuple[str, int, RootMap]]:
+    """Like :func:`from_input`, for a map on the node's output ``nr``."""
+    if node.type == OpType.MATMUL:
+        return _matmul(node, ("out", nr), m)
+    if node.type == OpType.ATTENTION:
+        return _attention(node, ("out", nr), m)
+    return [("in", i, r) for i, r in backward(node, nr, m)]
 
 
 def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
@@ -79,7 +112,7 @@ def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
         dims = _reduced_dims(node, len(in_shape))
         if not _trivial_on(m, dims):
             return []
-        m = im.squeeze_constant(m)
+        m = im.collapse(m, dims, "reduction")
         if not a.get("keepdim", False):
             for d in reversed(dims):
                 m = im.drop_dim(m, d)
@@ -102,15 +135,13 @@ def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
         ndim = len(in_shape)
         dim = _norm(a.get("dim", 0), ndim)
         unbind = op == "Unbind"
-        res, off = [], 0
-        for k, shape in enumerate(outs):
-            size = 1 if unbind else shape[dim]
-            r = im.narrow(m, dim, off, size)
-            off += size
-            if unbind:
-                r = im.drop_dim(r, dim)
-            if r.any():
-                res.append((k, r))
+        sizes = [1 if unbind else shape[dim] for shape in outs]
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        ks = _hit_regions(m, dim, offsets) if m.t.shape[dim] != 1 else range(len(outs))
+        res = []
+        for k in ks:
+            r = im.narrow(m, dim, offsets[k], sizes[k])
+            res.append((k, im.drop_dim(r, dim) if unbind else r))
         return res
     if t == OpType.RESHAPE:
         return [(0, im.reshape(m, in_shape, outs[0]))]
@@ -167,12 +198,11 @@ def backward(node: Node, nr: int, m: RootMap) -> list[tuple[int, RootMap]]:
         if m.t.shape[dim] == 1:
             return [(i, m) for i, s in enumerate(in_shapes) if s is not None]
         sizes = _cat_sizes(node, dim)
-        res, off = [], 0
-        for i, size in enumerate(sizes):
-            r = im.narrow(m, dim, off, size)
-            off += size
-            if in_shapes[i] is not None and r.any():
-                res.append((i, r))
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        res = []
+        for i in _hit_regions(m, dim, offsets):
+            if in_shapes[i] is not None:
+                res.append((i, im.narrow(m, dim, offsets[i], sizes[i])))
         return res
     if t == OpType.SPLIT:
         in_shape = in_shapes[0]
@@ -199,17 +229,12 @@ def _slice_forward(node: Node, op: str, m: RootMap, in_shape: tuple, out_shape: 
     ndim = len(in_shape)
     if op in ("Slice", "Narrow"):
         dim = _norm(a["dim"], ndim)
-        if not _trivial_on(m, [dim]):
-            raise Barrier("slicing a channel dimension with fixed bounds")
-        return im.squeeze_constant(m)
+        return im.collapse(m, [dim], "slicing a channel dimension with fixed bounds")
     if op == "Select":
         dim = _norm(a["dim"], ndim)
         return im.drop_dim(m, dim)
     if op == "Gather":
-        dim = _norm(a["dim"], ndim)
-        if not _trivial_on(m, [dim]):
-            raise Barrier("gather along a channel dimension")
-        return im.squeeze_constant(m)
+        return im.collapse(m, [_norm(a["dim"], ndim)], "gather along a channel dimension")
     return _index(node, m, in_shape, out_shape)
 
 
@@ -217,10 +242,7 @@ def _slice_backward(node: Node, op: str, m: RootMap, in_shape: tuple, out_shape:
     a = node.attrs
     ndim = len(in_shape)
     if op in ("Slice", "Narrow", "Gather"):
-        dim = _norm(a["dim"], ndim)
-        if not _trivial_on(m, [dim]):
-            raise Barrier("slicing a channel dimension with fixed bounds")
-        return im.squeeze_constant(m)
+        return im.collapse(m, [_norm(a["dim"], ndim)], "slicing a channel dimension with fixed bounds")
     if op == "Select":
         return im.unsqueeze(m, _norm(a["dim"], ndim))
     return _index(node, m, out_shape, in_shape)
@@ -232,9 +254,7 @@ def _index(node: Node, m: RootMap, src_shape: tuple, dst_shape: tuple) -> RootMa
     dims = node.attrs.get("indexed_dims")
     if dims is None:
         raise Barrier("indexing with unknown indices")
-    m = im.squeeze_constant(m)
-    if not all(m.t.shape[d] == 1 for d in dims if d < m.ndim):
-        raise Barrier("indexing a channel dimension")
+    m = im.collapse(m, [d for d in dims if d < m.ndim], "indexing a channel dimension")
     if len(src_shape) == len(dst_shape):
         return m
     if dims != list(range(dims[0], dims[0] + len(dims))):
@@ -255,16 +275,12 @@ def _index(node: Node, m: RootMap, src_shape: tuple, dst_shape: tuple) -> RootMa
 
 
 def _unexpand(m: RootMap, in_shape: tuple) -> RootMap | None:
-    m = im.squeeze_constant(m)
     extra = m.ndim - len(in_shape)
-    if any(m.t.shape[d] != 1 for d in range(extra)):
-        raise Barrier("expand: channels on a dimension that the input does not have")
-    t = m.t.reshape(m.t.shape[extra:])
-    ex = m.explicit[extra:]
-    for d, s in enumerate(in_shape):
-        if s == 1 and t.shape[d] != 1:
-            raise Barrier("channels vary along a broadcast (expanded) dimension")
-    return RootMap(t, ex)
+    m = im.collapse(m, range(extra), "expand: channels on a dimension that the input does not have")
+    m = RootMap(m.t.reshape(m.t.shape[extra:]), m.explicit[extra:])
+    expanded = [d for d, s in enumerate(in_shape) if s == 1]
+    return im.collapse(m, expanded, "copies made by expand (e.g. repeated key/value heads) would be "
+                       "pruned differently; prune whole groups of copies")
 
 
 def _repeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> RootMap:
@@ -276,7 +292,6 @@ def _repeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> Ro
 
 
 def _unrepeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> RootMap:
-    m = im.squeeze_constant(m)
     t = m.t
     pad = len(out_shape) - len(in_shape)
     for d, r in enumerate(repeats):
@@ -291,3 +306,123 @@ def _unrepeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> 
             raise Barrier("repeat: channels on a dimension that the input does not have")
         t = t.reshape(t.shape[pad:])
     return RootMap(t, m.explicit[pad:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix products: out[..., i, j] = sum_k a[..., i, k] * b[..., k, j] (+ bias)
+# ---------------------------------------------------------------------------------------------
+_MATMUL_ROLES = {"Mm": (0, 1, None), "Bmm": (0, 1, None), "Matmul": (0, 1, None),
+                 "Addmm": (1, 2, 0), "Baddbmm": (1, 2, 0)}
+
+
+def _rows_cols(m: RootMap, rdim: int, cdim: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a matrix-shaped map into whole pruned rows and whole pruned columns (root ids,
+    -1 elsewhere; shapes keep a size-1 dimension in place of the other axis). A pattern that is
+    not such a union cannot be expressed by removing rows and columns."""
+    t = m.t
+    mask = t >= 0
+    rows = mask.all(dim=cdim, keepdim=True) & (t == t.narrow(cdim, 0, 1)).all(dim=cdim, keepdim=True)
+    cols = mask.all(dim=rdim, keepdim=True) & (t == t.narrow(rdim, 0, 1)).all(dim=rdim, keepdim=True)
+    if not bool((mask == (rows | cols)).all()):
+        raise Barrier(f"{what}: entries pruned in a pattern that is neither whole rows nor whole columns")
+    row_t = torch.where(rows, t.narrow(cdim, 0, 1) if t.shape[cdim] > 1 else t, KEPT_T)
+    col_t = torch.where(cols, t.narrow(rdim, 0, 1) if t.shape[rdim] > 1 else t, KEPT_T)
+    return row_t, col_t
+
+
+KEPT_T = torch.tensor(im.KEPT)
+
+
+def _as_map(t: torch.Tensor, shape: tuple) -> RootMap | None:
+    """Map onto an operand of ``shape`` (right-aligned batch dims); None when nothing is pruned."""
+    if not bool((t >= 0).any()):
+        return None
+    m = RootMap(t, tuple(s != 1 for s in t.shape))
+    r = im.broadcast_to(m, shape)
+    if r is None:
+        raise Barrier("a matrix product shares an operand across positions that are pruned differently")
+    return r
+
+
+def _matmul(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, int, RootMap]]:
+    """Index mapping through a (batched) matrix product: removing rows of ``a`` removes rows of the
+    result, removing columns of ``b`` removes its columns, and the contracted dimension couples
+    the columns of ``a`` with the rows of ``b``."""
+    a = node.attrs
+    op = a["op"]
+    if op not in _MATMUL_ROLES:
+        raise Barrier(f"pruning through {op} is not supported")
+    ia, ib, ibias = _MATMUL_ROLES[op]
+    in_shapes = a["in_shapes"]
+    out_shape = tuple(a["out_shapes"][0])
+    sa, sb = in_shapes[ia], in_shapes[ib]
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        raise Barrier(f"{op} with a constant or 1-D operand")
+    side, pos = at
+    nd = len(out_shape)
+    if side == "in" and pos == ibias:
+        r = im.broadcast_to(m, out_shape)
+        return [("out", 0, r)] if r is not None else []
+    pad_a = (1,) * (nd - len(sa)) + tuple(sa)
+    pad_b = (1,) * (nd - len(sb)) + tuple(sb)
+    full = pad_a if (side, pos) == ("in", ia) else pad_b if (side, pos) == ("in", ib) else out_shape
+    rows, cols = _rows_cols(_on(m, full), nd - 2, nd - 1, op)
+    if (side, pos) == ("in", ia):
+        parts = [("out", 0, rows, out_shape), ("in", ib, cols.transpose(-1, -2), tuple(sb))]
+    elif (side, pos) == ("in", ib):
+        parts = [("out", 0, cols, out_shape), ("in", ia, rows.transpose(-1, -2), tuple(sa))]
+    else:
+        parts = [("in", ia, rows, tuple(sa)), ("in", ib, cols, tuple(sb))]
+        if ibias is not None and in_shapes[ibias] is not None:
+            r = im.broadcast_to(m, in_shapes[ibias])
+            if r is not None:
+                parts.append(("in", ibias, r.t, tuple(in_shapes[ibias])))
+    res = []
+    for kind, i, t, shape in parts:
+        r = _as_map(t, shape)
+        if r is not None:
+            res.append((kind, i, r))
+    return res
+
+
+def _on(m: RootMap, shape: tuple) -> RootMap:
+    r = im.broadcast_to(m, shape)
+    if r is None:
+        raise Barrier("a matrix product operand is broadcast along a pruned dimension")
+    return r
+
+
+def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, int, RootMap]]:
+    """Fused scaled-dot-product attention: q (..., L, E), k (..., S, E), v (..., S, Ev) ->
+    out (..., L, Ev). Query/key feature columns are coupled; value features go to the output;
+    a batch position (a head) whose query/key features are all removed takes its values and
+    outputs with it, and the other way round."""
+    a = node.attrs
+    in_shapes = a["in_shapes"]
+    out_shape = tuple(a["out_shapes"][0])
+    if any(s is None for s in in_shapes[:3]) or len({len(s) for s in in_shapes[:3]}) != 1:
+        raise Barrier("attention with constant or differently shaped inputs")
+    sq, sk, sv = (tuple(s) for s in in_shapes[:3])
+    if sq[:-2] != sk[:-2] or sk[:-2] != sv[:-2]:
+        raise Barrier("attention with broadcast batch or head dimensions")
+    side, pos = at
+    if side == "in" and pos >= 3:
+        return []
+    nd = len(sq)
+    full = {0: sq, 1: sk, 2: sv}[pos] if side == "in" else out_shape
+    rows, feat = _rows_cols(_on(m, full), nd - 2, nd - 1, "attention")
+    if bool((rows >= 0).any()):
+        raise Barrier("attention: whole query/key/value positions (tokens) cannot be pruned")
+    whole = (feat >= 0).all(dim=-1, keepdim=True) & (feat == feat.narrow(-1, 0, 1)).all(dim=-1, keepdim=True)
+    heads = torch.where(whole, feat.narrow(-1, 0, 1), KEPT_T)
+    qk = side == "in" and pos in (0, 1)
+    parts = [("in", 0, feat if qk else heads, sq), ("in", 1, feat if qk else heads, sk),
+             ("in", 2, heads if qk else feat, sv), ("out", 0, heads if qk else feat, out_shape)]
+    res = []
+    for kind, i, t, shape in parts:
+        if (kind, i) == at:
+            continue
+        r = _as_map(t, shape)
+        if r is not None:
+            res.append((kind, i, r))
+    return res

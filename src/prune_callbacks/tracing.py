@@ -10,13 +10,16 @@ the forward pass runs through :func:`torch.func.functional_call` on stand-in ten
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .node import Edge, Node
 from .ops import OpType, grad_fn2type, grad_fn_name, is_known_grad_fn, module2type
@@ -79,6 +82,50 @@ def _shape(fn: Any, nr: int) -> tuple[int, ...]:
     if hasattr(fn, "variable"):
         return tuple(fn.variable.shape)
     return tuple(fn._input_metadata[nr].shape)
+
+
+_BOOL_RESULT = frozenset(
+    ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "logical_not", "isnan",
+     "isinf", "isfinite", "signbit")
+)
+_BN_OPS = {
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit.no_stats,
+    torch.ops.aten.native_batch_norm.default,
+}
+
+
+class _ShapeOnlyMode(TorchDispatchMode):
+    """Below autograd, answer pointwise ops and batch norm on meta tensors with an empty result of
+    the right shape and dtype instead of running their (Python) meta kernels. Autograd has
+    already recorded the op by then, which is all the trace needs."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _BN_OPS:
+            x = args[0]
+            stats = torch.empty((x.shape[1],), dtype=torch.float32, device="meta")
+            return torch.empty_like(x), stats, stats.clone()
+        if torch.Tag.pointwise in func.tags and "out" not in kwargs:
+            if torch.Tag.inplace in func.tags:
+                return args[0]
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if tensors and all(t.device.type == "meta" for t in tensors):
+                shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+                return torch.empty(shape, dtype=_result_dtype(func, args, tensors), device="meta")
+        return func(*args, **kwargs)
+
+
+def _result_dtype(func: Any, args: tuple, tensors: list[torch.Tensor]) -> torch.dtype:
+    """Result dtype of a pointwise op (type promotion; comparisons give bool)."""
+    if func._schema.name.split("::")[-1] in _BOOL_RESULT:
+        return torch.bool
+    dtypes = [t.dtype for t in tensors if t.dtype != torch.bool] or [torch.bool]
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    if not dtype.is_floating_point and any(isinstance(a, float) for a in args):
+        dtype = torch.get_default_dtype()
+    return dtype
 
 
 def _input_stand_in(t: torch.Tensor) -> torch.Tensor:
@@ -168,7 +215,7 @@ def _trace(
     module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
     windows: list[tuple[int, int, nn.Module]] = []
     open_calls: dict[int, list[int]] = {}
-    probe = torch.zeros((), device="meta", requires_grad=True)
+    probe = torch.zeros((), requires_grad=True)
 
     def seq() -> int:
         with torch.enable_grad():
@@ -208,7 +255,7 @@ def _trace(
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     runner = _Runner(model, forward_fn or call_model, inputs)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), (_ShapeOnlyMode() if meta else contextlib.nullcontext()):
             out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
             if output_transform is not None:
                 out = output_transform(out)
@@ -370,6 +417,15 @@ _SAVED = (
 )
 
 
+def _signed(value: Any) -> Any:
+    """Autograd saves some dims as unsigned 64-bit integers: turn -1 back into -1."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
+        return value - 2**64
+    if isinstance(value, tuple):
+        return tuple(_signed(v) for v in value)
+    return value
+
+
 def _read_saved(node: Node) -> None:
     """Copy the autograd node's saved scalars (dims, sizes...) that index mapping needs."""
     fn = node.grad_fn
@@ -378,7 +434,7 @@ def _read_saved(node: Node) -> None:
         attr = f"_saved_{key}"
         if hasattr(fn, attr):
             try:
-                node.attrs[key] = getattr(fn, attr)
+                node.attrs[key] = _signed(getattr(fn, attr))
             except RuntimeError:
                 continue
     if grad_fn_name(fn) == "Index" and hasattr(fn, "_saved_indices"):
