@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from . import index_mapping as im
@@ -444,7 +445,7 @@ class DependencyGraph:
                         visit(e, m, here)
 
         at_module(root, side, idxs, roots, (root, side))
-        while queue:
+        while queue or self._couple_head_sizes(edge_maps, visit, (root, side)):
             edge, origin = queue.popleft()
             m = edge_maps[edge]
             src = edge.src
@@ -466,6 +467,43 @@ class DependencyGraph:
                         for e in _edges_at(dst, kind, i):
                             visit(e, r, origin)
         return self._make_group(root, side, records, sources, param_dims, edge_maps)
+
+    def _couple_head_sizes(self, edge_maps: dict[Edge, RootMap], visit: Callable, origin: tuple) -> bool:
+        """Reshapes in one module that split channels into (heads, head size) with the same head
+        size read it from the same place (one ``head_dim`` for queries, keys and values): when
+        offsets inside the heads are removed from one of them, remove them from all of them.
+        Returns whether anything new was queued."""
+        by_owner: dict[tuple[int, int], list[Edge]] = {}
+        for node in self.nodes:
+            if node.type == OpType.RESHAPE and node.owner is not None and _head_split_shape(node):
+                for e in node.out_edges:
+                    by_owner.setdefault((id(node.owner), e.shape[-1]), []).append(e)
+        queued = False
+        for edges in by_owner.values():
+            if len(edges) < 2:
+                continue
+            cols: dict[int, int] = {}
+            for e in edges:
+                m = edge_maps.get(e)
+                if m is None or m.t.shape[-1] == 1:
+                    continue
+                t = m.t.reshape(-1, m.t.shape[-1]) if m.t.dim() > 1 else m.t[None]
+                in_all = ((t >= 0).all(0)).nonzero().flatten().tolist()
+                for d in in_all:
+                    cols.setdefault(d, int(t[0, d]))
+            if not cols:
+                continue
+            for e in edges:
+                size = e.shape[-1]
+                flat = torch.full((size,), im.KEPT, dtype=torch.long)
+                flat[list(cols)] = torch.tensor(list(cols.values()))
+                m = RootMap(flat.view((1,) * (len(e.shape) - 1) + (size,)),
+                            (False,) * (len(e.shape) - 1) + (True,))
+                before = len(edge_maps)
+                old = edge_maps.get(e)
+                visit(e, m, origin)
+                queued = queued or len(edge_maps) != before or edge_maps.get(e) is not old
+        return queued
 
     def _make_group(
         self,
@@ -540,6 +578,7 @@ class DependencyGraph:
     ) -> list[tuple[nn.Module, str, Any, Any]]:
         updates: list[tuple[nn.Module, str, Any, Any]] = []
         done: set[tuple[int, str]] = set()
+        heads: dict[nn.Module, set[int]] = {}
         for edge, m in edge_maps.items():
             node = edge.src
             if node.type != OpType.RESHAPE or node.owner is None:
@@ -558,10 +597,19 @@ class DependencyGraph:
                     names = HEADS_ATTRS
                 else:
                     names = SIZE_ATTRS
+                if names is HEADS_ATTRS:
+                    heads.setdefault(node.owner, set()).add(new[d])
                 for attr in names:
                     if getattr(node.owner, attr, None) == old[d] and (id(node.owner), attr) not in done:
                         done.add((id(node.owner), attr))
                         updates.append((node.owner, attr, old[d], new[d]))
+        # Attention modules that read their head count from elsewhere (a shared config) still
+        # report their own new head counts.
+        for owner, counts in heads.items():
+            if not any(hasattr(owner, a) for a in HEADS_ATTRS):
+                updates.append((owner, "num_heads", None, max(counts)))
+                if len(counts) > 1:
+                    updates.append((owner, "num_key_value_heads", None, min(counts)))
         return updates
 
     # ------------------------------------------------------------------ module helpers
@@ -736,7 +784,7 @@ def _through(rule: Callable, node: Node, i: int, m: RootMap) -> list[tuple[str, 
         return rule(node, i, m)
     except Barrier as b:
         where = f" in {node.owner_name}" if node.owner_name else ""
-        raise Barrier(f"{b} (at {node.attrs.get('op', node.type.name)}{where})") from None
+        raise type(b)(f"{b} (at {node.attrs.get('op', node.type.name)}{where})") from None
 
 
 def _edges_at(node: Node, kind: str, i: int) -> list[Edge]:
@@ -797,6 +845,13 @@ SIZE_ATTRS = (
     "q_dim",
     "proj_size",
 )
+
+
+def _head_split_shape(node: Node) -> bool:
+    """Whether a reshape splits the last dimension into (heads, head size)."""
+    src, out = node.attrs["in_shapes"][0], node.attrs["out_shapes"][0]
+    return (src is not None and len(out) == len(src) + 1 and out[-2] > 1 and out[-1] > 1
+            and out[-2] * out[-1] == src[-1] and tuple(src[:-1]) == tuple(out[:-2]))
 
 
 def _pruned_shape(shape: tuple[int, ...], m: RootMap) -> tuple[int, ...]:

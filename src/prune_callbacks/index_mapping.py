@@ -186,6 +186,8 @@ def reshape(m: RootMap, in_shape: Sequence[int], out_shape: Sequence[int]) -> Ro
     red_in = [1] * len(in_shape)
     red_out = [1] * len(out_shape)
     explicit = [False] * len(out_shape)
+    splits: list[list[int]] = []
+    merges: list[list[int]] = []
     for ga, gb in _blocks(in_shape, out_shape):
         if any(m.t.shape[d] != 1 for d in ga):
             for d in ga:
@@ -193,10 +195,43 @@ def reshape(m: RootMap, in_shape: Sequence[int], out_shape: Sequence[int]) -> Ro
             for d in gb:
                 red_out[d] = out_shape[d]
                 explicit[d] = True
+            (merges if len(ga) > 1 else splits).append(ga if len(ga) > 1 else gb)
     for d, s in enumerate(m.t.shape):
         if s != 1 and red_in[d] == 1 and in_shape[d] != 1:
             raise Barrier("reshape lost a channel dimension")
-    return RootMap(m.t.expand(red_in).reshape(red_out), tuple(explicit))
+    t = m.t.expand(red_in)
+    for dims in merges:
+        t = product_closure(t, dims)
+    t = t.reshape(red_out)
+    for dims in splits:
+        t = product_closure(t, dims)
+    return RootMap(t, tuple(explicit))
+
+
+def product_closure(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Close a pruned pattern over dimensions that one reshape splits a channel dimension into
+    (e.g. (heads, head size) or (groups, channels per group)).
+
+    A tensor of that shape stays rectangular only if what is removed is whole rows (a head) or
+    whole columns (the same offsets in every head): a position pruned in some rows only is
+    extended to every row, which is the closure's answer to "what else must go".
+    """
+    dims = [d for d in dims if t.shape[d] > 1]
+    if len(dims) < 2:
+        return t
+    k = len(dims)
+    x = t.movedim(dims, list(range(t.dim() - k, t.dim())))
+    shape = x.shape
+    x = x.reshape(*shape[:-k], shape[-k], -1)
+    mask = x >= 0
+    full_rows = mask.all(-1, keepdim=True) & (x == x[..., :1]).all(-1, keepdim=True)
+    partial = mask & ~full_rows
+    cols = partial.any(-2, keepdim=True)
+    if bool(cols.any()):
+        fill = torch.where(partial, x, torch.full_like(x, KEPT)).amax(-2, keepdim=True)
+        x = torch.where(cols & ~mask, fill.expand_as(x), x)
+    x = x.reshape(shape).movedim(list(range(t.dim() - k, t.dim())), dims)
+    return product_closure(x, dims[1:])
 
 
 def permute(m: RootMap, dims: Sequence[int]) -> RootMap:

@@ -37,6 +37,16 @@ def _cat_sizes(node: Node, dim: int) -> list[int]:
     return known  # type: ignore[return-value]
 
 
+def _check_constants(node: Node, m: RootMap) -> None:
+    """A constant operand (a tensor that is neither a parameter nor computed from one) that
+    spans pruned channels would keep its old size: refuse instead of breaking the model."""
+    for shape in node.attrs.get("const_shapes") or ():
+        if shape is not None and im.broadcast_to(m, shape) is not None and any(
+            s > 1 and ms > 1 for s, ms in zip(shape[::-1], m.t.shape[::-1])
+        ):
+            raise Barrier(f"a constant tensor of shape {list(shape)} spans the pruned channels")
+
+
 def _hit_regions(m: RootMap, dim: int, offsets: list[int]) -> list[int]:
     """Indices of the consecutive regions (bounded by ``offsets``) along ``dim`` that hold pruned
     elements; every region when the map is broadcast along ``dim``."""
@@ -101,6 +111,7 @@ def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
     in_shape = a["in_shapes"][pos]
     op = _op(node)
     if t in (OpType.ELEMENTWISE, OpType.EXPAND) and op not in ("Repeat",):
+        _check_constants(node, m)
         res = []
         for k, shape in enumerate(outs):
             r = im.broadcast_to(m, shape)
@@ -164,6 +175,7 @@ def backward(node: Node, nr: int, m: RootMap) -> list[tuple[int, RootMap]]:
     out_shape = a["out_shapes"][nr]
     op = _op(node)
     if t in (OpType.ELEMENTWISE, OpType.EXPAND) and op != "Repeat":
+        _check_constants(node, m)
         res = []
         for i, shape in enumerate(in_shapes):
             if shape is None:

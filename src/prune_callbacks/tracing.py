@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .node import Edge, Node
@@ -94,6 +95,24 @@ _BN_OPS = {
     torch.ops.aten._native_batch_norm_legit.no_stats,
     torch.ops.aten.native_batch_norm.default,
 }
+
+
+class _ArgShapes(TorchFunctionMode):
+    """Remembers, for the autograd node each torch function creates, the shapes of all its tensor
+    arguments: autograd itself does not record constants (tensors that need no grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[Any, list[tuple[int, ...]]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if fn is not None and fn not in self.shapes:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]
+            self.shapes[fn] = [tuple(t.shape) for t in tensors]
+        return out
 
 
 class _ShapeOnlyMode(TorchDispatchMode):
@@ -255,7 +274,8 @@ def _trace(
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     runner = _Runner(model, forward_fn or call_model, inputs)
     try:
-        with torch.enable_grad(), (_ShapeOnlyMode() if meta else contextlib.nullcontext()):
+        arg_shapes = _ArgShapes()
+        with torch.enable_grad(), arg_shapes, (_ShapeOnlyMode() if meta else contextlib.nullcontext()):
             out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
             if output_transform is not None:
                 out = output_transform(out)
@@ -368,6 +388,10 @@ def _trace(
         node.attrs["in_shapes"] = [e.shape if e is not None else None for e in node.in_edges]
         if node.type.is_virtual:
             _read_saved(node)
+            # Shapes of constant operands (tensors without grad): the op's own arguments.
+            args = arg_shapes.shapes.get(node.grad_fn)
+            if args is not None and len(args) == len(node.in_edges):
+                node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
 
     for node in nodes:
         for e in node.out_edges:

@@ -1,0 +1,348 @@
+"""Transformers and sequence models: Hugging Face architectures built from small configs
+(random weights, no download) pruned by half and still runnable; own reference blocks
+(ShuffleNet unit, Swin-style window attention, LSTM classifier) checked for exact equivalence
+with the original model whose pruned channels are zeroed."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prune_callbacks import DependencyGraph
+from prune_callbacks.pruner import Pruner
+
+tf = pytest.importorskip("transformers")
+
+
+def _tok() -> dict:
+    return {"input_ids": torch.randint(0, 128, (1, 8))}
+
+
+def _img() -> torch.Tensor:
+    return torch.randn(1, 3, 32, 32)
+
+
+def _lm(cls, cfg, **kw):
+    return lambda: cls(cfg(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, **kw))
+
+
+HF_MODELS = {
+    "llama_gqa": (_lm(tf.LlamaForCausalLM, tf.LlamaConfig, num_attention_heads=4, num_key_value_heads=2), _tok),
+    "llama_mha": (_lm(tf.LlamaForCausalLM, tf.LlamaConfig, num_attention_heads=4, num_key_value_heads=4), _tok),
+    "qwen2": (_lm(tf.Qwen2ForCausalLM, tf.Qwen2Config, num_attention_heads=4, num_key_value_heads=2), _tok),
+    "mistral": (
+        _lm(tf.MistralForCausalLM, tf.MistralConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        _tok,
+    ),
+    "phi3": (
+        _lm(tf.Phi3ForCausalLM, tf.Phi3Config, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0),
+        _tok,
+    ),
+    "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)), _tok),
+    "opt": (
+        lambda: tf.OPTForCausalLM(
+            tf.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, pad_token_id=1)
+        ),
+        _tok,
+    ),
+    "bert": (
+        lambda: tf.BertForSequenceClassification(
+            tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128)
+        ),
+        _tok,
+    ),
+    "distilbert": (
+        lambda: tf.DistilBertForSequenceClassification(
+            tf.DistilBertConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
+        ),
+        _tok,
+    ),
+    "vit": (
+        lambda: tf.ViTForImageClassification(
+            tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, num_labels=10)
+        ),
+        _img,
+    ),
+    "dinov2": (
+        lambda: tf.Dinov2ForImageClassification(
+            tf.Dinov2Config(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            mlp_ratio=2, num_labels=10)
+        ),
+        _img,
+    ),
+    "swin": (
+        lambda: tf.SwinForImageClassification(
+            tf.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
+                          num_labels=10)
+        ),
+        _img,
+    ),
+    "convnext": (
+        lambda: tf.ConvNextForImageClassification(
+            tf.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)
+        ),
+        _img,
+    ),
+    "resnet": (
+        lambda: tf.ResNetForImageClassification(
+            tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
+        ),
+        _img,
+    ),
+    "mobilenetv2": (
+        lambda: tf.MobileNetV2ForImageClassification(
+            tf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=10)
+        ),
+        _img,
+    ),
+    "efficientnet": (
+        lambda: tf.EfficientNetForImageClassification(
+            tf.EfficientNetConfig(image_size=32, depth_coefficient=0.2, num_labels=10)
+        ),
+        _img,
+    ),
+    "regnet": (
+        lambda: tf.RegNetForImageClassification(
+            tf.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)
+        ),
+        _img,
+    ),
+    "mobilevit": (
+        lambda: tf.MobileViTForImageClassification(
+            tf.MobileViTConfig(image_size=32, hidden_sizes=[32, 48, 64],
+                               neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 64], num_labels=10)
+        ),
+        _img,
+    ),
+}
+KNOWN_FAILURES = {
+    "swin": "the relative position bias reaches attention through a path the trace does not see, so its "
+    "head dimension is not pruned",
+}
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+# Phi-3 slices its fused qkv projection at offsets computed from the shared config: its heads are
+# a barrier (left whole, with a warning); hidden size and MLP are still pruned.
+HEADS_FIXED = ("phi3", "mobilevit")
+
+
+def _run(model: nn.Module, x):
+    with torch.no_grad():
+        return model(**x) if isinstance(x, dict) else model(x)
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_hf_model_pruned_by_half_still_runs(name):
+    if name in KNOWN_FAILURES:
+        pytest.xfail(KNOWN_FAILURES[name])
+    torch.manual_seed(0)
+    build, inputs = HF_MODELS[name]
+    model = build().eval()
+    x = inputs()
+    dense_out = _run(model, x).logits
+    heads_before = {n: getattr(m, a) for n, m in model.named_modules() for a in HEAD_ATTRS if hasattr(m, a)}
+    p0 = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = Pruner(model, x, "random", pruning_ratio=0.5, prune_num_heads=True, head_pruning_ratio=0.5)
+        pruner.step()
+    out = _run(model, x).logits
+    p1 = sum(p.numel() for p in model.parameters())
+    assert out.shape == dense_out.shape
+    assert torch.isfinite(out).all()
+    assert p1 <= 0.7 * p0, f"parameters {p0} -> {p1}"
+    heads_after = {n: getattr(m, a) for n, m in model.named_modules() for a in HEAD_ATTRS if hasattr(m, a)}
+    attention = [m for n, m in model.named_modules() if type(m).__name__.endswith(("Attention", "SelfAttention"))]
+    if attention and name not in HEADS_FIXED:
+        # Every attention module reports its (reduced) head count.
+        reported = [
+            getattr(m, a) for m in attention for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)
+        ]
+        assert reported, "attention modules do not report head counts"
+        assert any(h < max(heads_before.values() or [h + 1]) for h in reported), (heads_before, heads_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Own reference blocks, masked equivalence
+# ---------------------------------------------------------------------------------------------
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet-v2-style unit: split, a conv branch, concat, channel shuffle."""
+
+    def __init__(self, c: int = 16, groups: int = 2) -> None:
+        super().__init__()
+        self.groups = groups
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        half = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+        )
+        self.head = nn.Conv2d(c, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(F.relu(self.head(x)).mean((2, 3)))
+
+
+class WindowAttention(nn.Module):
+    """Swin-style window attention with a learned relative position bias per head."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, window: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.window = num_heads, dim // num_heads, window
+        self.qkv_q = nn.Linear(dim, dim)
+        self.qkv_k = nn.Linear(dim, dim)
+        self.qkv_v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        n = window * window
+        self.bias_table = nn.Parameter(torch.randn(n * n, num_heads) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.qkv_q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.qkv_k(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.qkv_v(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        bias = self.bias_table.view(n, n, self.num_heads).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1)) * 0.35 + bias
+        out = attn.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class WindowBlock(nn.Module):
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.attn = WindowAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h)
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 12)
+        self.lstm = nn.LSTM(12, 16, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(ids))
+        return self.fc(out[:, -1])
+
+
+@torch.no_grad()
+def _zero_group(model: nn.Module, original: nn.Module, group) -> None:
+    """Zero, in ``model`` (a copy of ``original``), every parameter entry that pruning ``group``
+    removes from output sides and coupled layers: the masked reference of the prune."""
+    names = {m: n for n, m in original.named_modules()}
+    names.update({p: n for n, p in original.named_parameters()})
+    for item in group:
+        target, fn = item.dep.target.module, item.dep.handler
+        pruner = fn.pruner
+        if isinstance(target, nn.Parameter):
+            copy_target = model.get_parameter(names[target])
+        else:
+            copy_target = model.get_submodule(names[target])
+            if fn.side == "in" and not pruner.coupled(copy_target):
+                continue
+        for pname, view in pruner.param_views(copy_target, fn.side):
+            p = copy_target if pname == "" else copy_target.get_parameter(pname)
+            flat = view(torch.arange(p.numel()).view(p.shape))[item.idxs].flatten()
+            p.view(-1)[flat] = 0
+
+
+def _masked_check(model: nn.Module, x, pick) -> None:
+    model.eval()
+    dg = DependencyGraph().build_dependency(model, x)
+    groups = dg.get_all_groups()
+    assert groups
+    checked = 0
+    for group in groups:
+        idxs = pick(group)
+        if not idxs:
+            continue
+        masked = copy.deepcopy(model)
+        root = group.root.dep
+        sub = dg.get_pruning_group(root.target.module, root.handler, idxs)
+        if not dg.check_pruning_group(sub):
+            continue
+        _zero_group(masked, model, sub)
+        sub.prune()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-5)
+        checked += 1
+    assert checked >= 2
+
+
+def _half(group) -> list[int]:
+    n = len(group.root.idxs)
+    if group.head_blocks:
+        block = n // group.head_blocks
+        return [c for h in range(0, group.head_blocks, 2) for c in range(h * block, (h + 1) * block)]
+    return list(range(0, n, 2)) if n > 1 else []
+
+
+def test_shuffle_unit_masked_equivalence():
+    torch.manual_seed(0)
+    model = ShuffleUnit()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.bias.data.uniform_(-0.3, 0.3)
+    _masked_check(model, torch.randn(2, 3, 8, 8), _half)
+
+
+def test_window_attention_masked_equivalence_and_heads():
+    torch.manual_seed(0)
+    model = WindowBlock()
+    x = torch.randn(2, 16, 6)
+    _masked_check(model, x, _half)
+    assert model.attn.num_heads == 2
+    assert model.attn.bias_table.shape[1] == 2
+    assert model(x).shape == (2, 3)
+
+
+def test_lstm_classifier_masked_equivalence():
+    torch.manual_seed(0)
+    model = LSTMClassifier()
+    ids = torch.randint(0, 50, (2, 7))
+    _masked_check(model, ids, _half)
+    assert model.lstm.hidden_size < 16
+
+
+def test_gqa_single_query_head_cannot_be_pruned_alone():
+    torch.manual_seed(0)
+    model = HF_MODELS["llama_gqa"][0]().eval()
+    x = _tok()
+    dg = DependencyGraph().build_dependency(model, x)
+    attn = model.model.layers[0].self_attn
+    group = next(g for g in dg.get_all_groups() if g.root.dep.target.module is attn.q_proj)
+    assert group.head_blocks == 2  # two key/value heads, each with its two query heads
+    head_dim = attn.head_dim
+    with pytest.raises(ValueError, match="copies"):
+        dg.get_pruning_group(attn.q_proj, group.root.dep.handler, list(range(head_dim)))
+    sub = dg.get_pruning_group(attn.q_proj, group.root.dep.handler, list(range(2 * head_dim)))
+    sub.prune()
+    assert attn.k_proj.out_features == head_dim and attn.v_proj.out_features == head_dim
+    assert attn.num_heads == 2 and attn.num_key_value_heads == 1
+    assert _run(model, x).logits.shape == (1, 8, 128)
