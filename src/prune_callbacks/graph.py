@@ -60,6 +60,7 @@ class DependencyGraph:
         self.unknown_ops: set[str] = set()
         self.pruning_history: list[dict[str, Any]] = []
         self._param_fns: dict[int, tuple[PruningFunction, PruningFunction]] = {}
+        self._head_reshapes: list[list[Edge]] | None = None
         self._customized: dict[type, LayerPruner] = {}
 
     # ------------------------------------------------------------------ build
@@ -98,6 +99,7 @@ class DependencyGraph:
         self._names = {m: n for n, m in model.named_modules()}
         self._names.update({p: n for n, p in model.named_parameters()})
         self._order = {m: i for i, m in enumerate(self._names)}
+        self._head_reshapes: list[list[Edge]] | None = None
         self._build_dependencies()
         if self.unknown_ops:
             warnings.warn(
@@ -473,14 +475,16 @@ class DependencyGraph:
         size read it from the same place (one ``head_dim`` for queries, keys and values): when
         offsets inside the heads are removed from one of them, remove them from all of them.
         Returns whether anything new was queued."""
-        by_owner: dict[tuple[int, int], list[Edge]] = {}
-        for node in self.nodes:
-            if node.type == OpType.RESHAPE and node.owner is not None and _head_split_shape(node):
-                for e in node.out_edges:
-                    by_owner.setdefault((id(node.owner), e.shape[-1]), []).append(e)
+        if self._head_reshapes is None:
+            by_owner: dict[tuple[int, int], list[Edge]] = {}
+            for node in self.nodes:
+                if node.type == OpType.RESHAPE and node.owner is not None and _head_split_shape(node):
+                    for e in node.out_edges:
+                        by_owner.setdefault((id(node.owner), e.shape[-1]), []).append(e)
+            self._head_reshapes = [edges for edges in by_owner.values() if len(edges) > 1]
         queued = False
-        for edges in by_owner.values():
-            if len(edges) < 2:
+        for edges in self._head_reshapes:
+            if not any(e in edge_maps for e in edges):
                 continue
             cols: dict[int, int] = {}
             for e in edges:

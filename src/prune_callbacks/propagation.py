@@ -415,14 +415,19 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
     if any(s is None for s in in_shapes[:3]) or len({len(s) for s in in_shapes[:3]}) != 1:
         raise Barrier("attention with constant or differently shaped inputs")
     sq, sk, sv = (tuple(s) for s in in_shapes[:3])
-    if sq[:-2] != sk[:-2] or sk[:-2] != sv[:-2]:
+    if sk[:-2] != sv[:-2] or sq[:-3] != sk[:-3] or len(sq) < 3 or sq[-3] % sk[-3]:
         raise Barrier("attention with broadcast batch or head dimensions")
+    rep = sq[-3] // sk[-3]  # grouped-query attention: each key/value head serves `rep` query heads
     side, pos = at
     if side == "in" and pos >= 3:
         return []
     nd = len(sq)
     full = {0: sq, 1: sk, 2: sv}[pos] if side == "in" else out_shape
     rows, feat = _rows_cols(_on(m, full), nd - 2, nd - 1, "attention")
+    kv_side = side == "in" and pos in (1, 2)
+    if rep > 1 and kv_side:
+        feat = feat.repeat_interleave(rep, dim=-3) if feat.shape[-3] > 1 else feat
+        rows = rows.repeat_interleave(rep, dim=-3) if rows.shape[-3] > 1 else rows
     if bool((rows >= 0).any()):
         raise Barrier("attention: whole query/key/value positions (tokens) cannot be pruned")
     whole = (feat >= 0).all(dim=-1, keepdim=True) & (feat == feat.narrow(-1, 0, 1)).all(dim=-1, keepdim=True)
@@ -434,6 +439,12 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
     for kind, i, t, shape in parts:
         if (kind, i) == at:
             continue
+        if rep > 1 and kind == "in" and i in (1, 2) and t.shape[-3] > 1:
+            grouped = t.unflatten(-3, (t.shape[-3] // rep, rep))
+            if not bool((grouped == grouped.narrow(-3, 0, 1)).all()):
+                raise Barrier("copies made by grouped-query attention (query heads sharing a key/value "
+                              "head) would be pruned differently; prune whole groups of copies")
+            t = grouped.narrow(-3, 0, 1).squeeze(-3)
         r = _as_map(t, shape)
         if r is not None:
             res.append((kind, i, r))

@@ -86,8 +86,22 @@ def _shape(fn: Any, nr: int) -> tuple[int, ...]:
 
 
 _BOOL_RESULT = frozenset(
-    ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "logical_not", "isnan",
-     "isinf", "isfinite", "signbit")
+    (
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "logical_and",
+        "logical_or",
+        "logical_xor",
+        "logical_not",
+        "isnan",
+        "isinf",
+        "isfinite",
+        "signbit",
+    )
 )
 _BN_OPS = {
     torch.ops.aten._native_batch_norm_legit_no_training.default,
@@ -196,14 +210,14 @@ def trace_model(
     """Trace ``model`` on ``example_inputs`` and return its computational graph."""
     leaves = leaf_modules(model, customized_pruners)
     unwrapped_parameters = dict(unwrapped_parameters or {})
+    # The structure is all the graph needs: try the meta device first (no arithmetic, no activation
+    # memory) and fall back to real values only for models whose control flow reads them.
+    args = (model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves)
     try:
-        return _trace(
-            model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves, meta=True
-        )
+        return _trace(*args, meta=True)
     except Exception:  # noqa: BLE001 - any failure on meta means the model needs real values
-        return _trace(
-            model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves, meta=False
-        )
+        pass
+    return _trace(*args, meta=False)
 
 
 def _trace(
@@ -275,7 +289,7 @@ def _trace(
     runner = _Runner(model, forward_fn or call_model, inputs)
     try:
         arg_shapes = _ArgShapes()
-        with torch.enable_grad(), arg_shapes, (_ShapeOnlyMode() if meta else contextlib.nullcontext()):
+        with torch.enable_grad(), arg_shapes, _ShapeOnlyMode() if meta else contextlib.nullcontext():
             out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
             if output_transform is not None:
                 out = output_transform(out)
