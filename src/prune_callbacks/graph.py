@@ -411,7 +411,7 @@ class DependencyGraph:
             merged, changed = im.merge(edge_maps.get(edge), m)
             if changed:
                 if edge.is_output:
-                    raise Barrier(
+                    raise OutputBarrier(
                         f"it would change the shape of the model's output (produced by {edge.src.name})"
                     )
                 edge_maps[edge] = merged
