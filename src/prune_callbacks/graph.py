@@ -405,9 +405,11 @@ class DependencyGraph:
         records: dict[tuple[Node, Side], dict[int, int]] = {}
         sources: dict[tuple[Node, Side], tuple[Node, Side]] = {}
         param_dims: dict[Node, int] = {root: root_dim} if root_dim is not None else {}
-        queue: deque[tuple[Edge, tuple[Node, Side]]] = deque()
+        # (edge, the group item that caused the change, the module the change came from: it has
+        # already put its channels on all its tensors, so it is not asked again)
+        queue: deque[tuple[Edge, tuple[Node, Side], Node | None]] = deque()
 
-        def visit(edge: Edge, m: RootMap, origin: tuple[Node, Side]) -> None:
+        def visit(edge: Edge, m: RootMap, origin: tuple[Node, Side], via: Node | None = None) -> None:
             merged, changed = im.merge(edge_maps.get(edge), m)
             if changed:
                 if edge.is_output:
@@ -415,16 +417,22 @@ class DependencyGraph:
                         f"it would change the shape of the model's output (produced by {edge.src.name})"
                     )
                 edge_maps[edge] = merged
-                queue.append((edge, origin))
+                queue.append((edge, origin, via))
 
         def at_module(
-            node: Node, s: Side, chans: list[int], croots: list[int], origin: tuple[Node, Side]
+            node: Node,
+            s: Side,
+            chans: list[int],
+            croots: list[int],
+            origin: tuple[Node, Side],
+            from_edge: Edge | None = None,
         ) -> None:
             if not chans:
                 return
             coupled = self._coupled(node)
             rec_side = "out" if coupled else s
             if _depthwise_mult(node) and coupled:
+                from_edge = None  # whole blocks may add channels to the edge they came from
                 chans, croots, rec_side = self._depthwise_to_in(node, s, chans, croots)
             if id(node.module) in ignored and (rec_side == "out" or coupled):
                 raise Barrier(f"{node.name} is ignored, so its output channels cannot change")
@@ -440,30 +448,34 @@ class DependencyGraph:
             all_c, all_r = list(rec), list(rec.values())
             for sd in sides:
                 for e in node.out_edges if sd == "out" else node.in_edges:
-                    if e is None:
+                    if e is None or e is from_edge:
                         continue
                     m = self._module_map(node, sd, e, all_c, all_r, rec_side, param_dims)
                     if m is not None:
-                        visit(e, m, here)
+                        visit(e, m, here, node)
 
         at_module(root, side, idxs, roots, (root, side))
         while queue or self._couple_head_sizes(edge_maps, visit, (root, side)):
-            edge, origin = queue.popleft()
+            edge, origin, via = queue.popleft()
             m = edge_maps[edge]
             src = edge.src
-            if src.is_module:
+            if src is via:
+                pass
+            elif src.is_module:
                 got = self._read_module(src, "out", edge, m, param_dims)
                 if got is not None:
-                    at_module(src, "out", *got, origin)
+                    at_module(src, "out", *got, origin, edge)
             else:
                 for kind, i, r in _through(propagation.from_output, src, edge.src_pos, m):
                     for e in _edges_at(src, kind, i):
                         visit(e, r, origin)
             for dst, pos in edge.dsts:
+                if dst is via:
+                    continue
                 if dst.is_module:
                     got = self._read_module(dst, "in", edge, m, param_dims)
                     if got is not None:
-                        at_module(dst, "in", *got, origin)
+                        at_module(dst, "in", *got, origin, edge)
                 else:
                     for kind, i, r in _through(propagation.from_input, dst, pos, m):
                         for e in _edges_at(dst, kind, i):

@@ -41,8 +41,13 @@ class RootMap:
 def channel_map(ndim: int, dim: int, size: int, idxs: Sequence[int], roots: Sequence[int]) -> RootMap:
     """Map for a tensor whose channel dimension ``dim`` has ``size`` channels, ``idxs`` pruned."""
     dim = dim % ndim
-    flat = torch.full((size,), KEPT, dtype=torch.long)
-    flat[torch.as_tensor(list(idxs), dtype=torch.long)] = torch.as_tensor(list(roots), dtype=torch.long)
+    idxs, roots = list(idxs), list(roots)
+    if len(idxs) == size and idxs == roots and idxs == list(range(size)):
+        flat = torch.arange(size)
+    else:
+        flat = torch.full((size,), KEPT, dtype=torch.long)
+        ix = torch.tensor(idxs, dtype=torch.long)
+        flat[ix] = ix if idxs == roots else torch.tensor(roots, dtype=torch.long)
     shape = [1] * ndim
     shape[dim] = size
     return RootMap(flat.view(shape), tuple(d == dim for d in range(ndim)))
@@ -51,7 +56,7 @@ def channel_map(ndim: int, dim: int, size: int, idxs: Sequence[int], roots: Sequ
 def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     """Union of two maps of the same tensor; returns (merged, whether anything was added)."""
     if old is None:
-        return new, new.any()
+        return new, True
     explicit = tuple(a or b for a, b in zip(old.explicit, new.explicit))
     if old.t.shape == new.t.shape:
         a, b = old.t, new.t

@@ -9,7 +9,6 @@ the forward pass runs through :func:`torch.func.functional_call` on stand-in ten
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import functools
@@ -113,19 +112,25 @@ _BN_OPS = {
 
 class _ArgShapes(TorchFunctionMode):
     """Remembers, for the autograd node each torch function creates, the shapes of all its tensor
-    arguments: autograd itself does not record constants (tensors that need no grad)."""
+    arguments (autograd does not record constants: tensors that need no grad) and the innermost
+    module running at that moment (whose size attributes may describe the op)."""
 
-    def __init__(self) -> None:
+    def __init__(self, running: list[nn.Module]) -> None:
         super().__init__()
+        self.running = running
         self.shapes: dict[Any, list[tuple[int, ...]]] = {}
+        self.owners: dict[Any, nn.Module | None] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
-        if fn is not None and fn not in self.shapes:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            tensors += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]
-            self.shapes[fn] = [tuple(t.shape) for t in tensors]
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for r in results:
+            fn = r.grad_fn if isinstance(r, torch.Tensor) else None
+            if fn is not None and fn not in self.shapes:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                tensors += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]
+                self.shapes[fn] = [tuple(t.shape) for t in tensors]
+                self.owners[fn] = self.running[-1] if self.running else None
         return out
 
 
@@ -136,6 +141,13 @@ class _ShapeOnlyMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.ops.aten.cat.default:
+            tensors = [t for t in args[0] if t.dim() > 1 or t.numel() > 0]
+            dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % tensors[0].dim()
+            shape = list(tensors[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in tensors)
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+            return torch.empty(shape, dtype=dtype, device="meta")
         if func in _BN_OPS:
             x = args[0]
             stats = torch.empty((x.shape[1],), dtype=torch.float32, device="meta")
@@ -246,16 +258,11 @@ def _trace(
 
     out_fn_module: dict[Any, nn.Module] = {}
     module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
-    windows: list[tuple[int, int, nn.Module]] = []
-    open_calls: dict[int, list[int]] = {}
-    probe = torch.zeros((), requires_grad=True)
-
-    def seq() -> int:
-        with torch.enable_grad():
-            return (probe * 1).grad_fn._sequence_nr()
+    running: list[nn.Module] = []  # modules whose forward is executing, innermost last
+    arg_shapes = _ArgShapes(running)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        open_calls.setdefault(id(module), []).append(seq())
+        running.append(module)
         if module in leaves:
             tensors = flatten_tensors((args, kwargs))
             if isinstance(module, _FIRST_INPUT_ONLY):
@@ -271,8 +278,7 @@ def _trace(
                 )
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        start = open_calls[id(module)].pop()
-        windows.append((start, seq(), module))
+        running.pop()
         if module in leaves:
             for t in flatten_tensors(output):
                 if t.grad_fn is not None:
@@ -288,7 +294,6 @@ def _trace(
         handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     runner = _Runner(model, forward_fn or call_model, inputs)
     try:
-        arg_shapes = _ArgShapes()
         with torch.enable_grad(), arg_shapes, _ShapeOnlyMode() if meta else contextlib.nullcontext():
             out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
             if output_transform is not None:
@@ -303,21 +308,6 @@ def _trace(
             "the model's output has no tensor that depends on its parameters: "
             "pass output_transform= to select the tensors to trace"
         )
-
-    windows.sort(key=lambda w: w[0])
-    starts = [w[0] for w in windows]
-
-    def owner_of(fn: Any) -> nn.Module | None:
-        s = fn._sequence_nr()
-        i = bisect.bisect_right(starts, s) - 1
-        best = None
-        while i >= 0:
-            st, en, m = windows[i]
-            if st <= s <= en:
-                best = m
-                break
-            i -= 1
-        return best
 
     nodes: list[Node] = []
     module_nodes: dict[nn.Module, Node] = {}
@@ -364,7 +354,7 @@ def _trace(
             if op_type == OpType.ELEMENTWISE and not is_known_grad_fn(fn):
                 unknown.add(grad_fn_name(fn))
             node = Node(None, fn, grad_fn_name(fn), op_type)
-            owner = owner_of(fn)
+            owner = arg_shapes.owners.get(fn)
             node.owner = owner
             node.owner_name = module_names.get(owner) if owner is not None else None
             nodes.append(node)
