@@ -660,10 +660,6 @@ def test_get_node_errors() -> None:
     assert dg.get_in_channels(model.b) == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: get_pruning_group does not validate idxs (100 -> raw IndexError from index_mapping)",
-)
 def test_get_pruning_group_rejects_out_of_range_idxs() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1))
     dg = build(model, torch.randn(1, 3, 4, 4))
@@ -671,10 +667,6 @@ def test_get_pruning_group_rejects_out_of_range_idxs() -> None:
         dg.get_pruning_group(model[0], pc.prune_conv_out_channels, [100])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: get_pruning_group accepts idxs=[-1] and returns a root-only group with idxs [-1]",
-)
 def test_get_pruning_group_rejects_negative_idxs() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1))
     dg = build(model, torch.randn(1, 3, 4, 4))
@@ -786,11 +778,6 @@ class LiteralSplit(nn.Module):
         return self.b(p) + self.c(q)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: split(x, 4) is taken for chunk(2); a checked prune of one channel per half "
-    "leaves a model whose forward fails (split sizes 4+2 instead of 3+3)",
-)
 def test_literal_split_size_is_refused_or_still_runs() -> None:
     model = LiteralSplit()
     x = torch.randn(1, 3, 4, 4)

@@ -157,6 +157,12 @@ class DependencyGraph:
         if side is None:
             raise TypeError(f"{pruning_fn!r} is not a pruning function (use e.g. prune_conv_out_channels)")
         idxs = sorted({int(i) for i in idxs})
+        pruner = getattr(pruning_fn, "pruner", None)
+        n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
+        bad = [i for i in idxs if i < 0 or (n is not None and i >= n)]
+        if bad:
+            raise ValueError(f"cannot prune {node.name}: channel indices {bad[:8]} are out of range for its "
+                             f"{n} {side}put channels")
         try:
             # One root id for all chosen channels: they are removed together, so only the
             # pruned/kept pattern matters.
@@ -326,6 +332,11 @@ class DependencyGraph:
                     f"{node.name}: embed dim {n - len(idxs)} is not divisible by num_heads={module.num_heads}"
                 )
         for module, attr, _old, new in group.attribute_updates:
+            if attr == "<literal split>":
+                return (
+                    f"a split into chunks of a fixed size inside {type(module).__name__} would get sizes "
+                    f"{list(new)}; use torch.chunk or keep the split size in a `split_size` attribute"
+                )
             if attr == "<chunks>" and len(set(new)) > 1:
                 return (
                     f"a split into equal chunks inside {type(module).__name__} would get unequal sizes "
@@ -582,11 +593,17 @@ class DependencyGraph:
                         if isinstance(value, (list, tuple)) and list(value) == old:
                             updates.append((dst.owner, attr, value, type(value)(new)))
                 else:
-                    updates.append((dst.owner, "<chunks>", tuple(old), tuple(new)))
                     size = dst.attrs.get("split_size")
-                    for attr, value in vars(dst.owner).items():
-                        if attr == "split_size" and value == size and len(set(new)) == 1:
-                            updates.append((dst.owner, attr, value, new[0]))
+                    followed = [
+                        (dst.owner, attr, value, new[0])
+                        for attr, value in vars(dst.owner).items()
+                        if attr == "split_size" and value == size and len(set(new)) == 1
+                    ]
+                    if dst.attrs.get("call") == "chunk" or followed:
+                        updates.append((dst.owner, "<chunks>", tuple(old), tuple(new)))
+                        updates.extend(followed)
+                    else:
+                        updates.append((dst.owner, "<literal split>", tuple(old), tuple(new)))
         return updates
 
     def _reshape_attribute_updates(
@@ -690,6 +707,8 @@ class DependencyGraph:
             dim = node.pruning_dim if node.pruning_dim is not None else param_dims.get(node)
             return dim % nd if dim is not None else None
         size = self._channels(node, side, param_dims.get(node))
+        if t == OpType.LN and getattr(node.module, "data_format", None) == "channels_first" and nd > 1:
+            return 1
         if t == OpType.CUSTOMIZED or (t == OpType.LN and size is not None and shape[-1] != size):
             # Unknown layout (or a channels-first LayerNorm that permutes inside): the dimension
             # with the channel count, preferring the channels-first and channels-last positions.

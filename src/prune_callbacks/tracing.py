@@ -120,6 +120,7 @@ class _ArgShapes(TorchFunctionMode):
         self.running = running
         self.shapes: dict[Any, list[tuple[int, ...]]] = {}
         self.owners: dict[Any, nn.Module | None] = {}
+        self.calls: dict[Any, str] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -131,6 +132,7 @@ class _ArgShapes(TorchFunctionMode):
                 tensors += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]
                 self.shapes[fn] = [tuple(t.shape) for t in tensors]
                 self.owners[fn] = self.running[-1] if self.running else None
+                self.calls[fn] = getattr(func, "__name__", "")
         return out
 
 
@@ -393,6 +395,7 @@ def _trace(
         if node.type.is_virtual:
             _read_saved(node)
             # Shapes of constant operands (tensors without grad): the op's own arguments.
+            node.attrs["call"] = arg_shapes.calls.get(node.grad_fn, "")
             args = arg_shapes.shapes.get(node.grad_fn)
             if args is not None and len(args) == len(node.in_edges):
                 node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
