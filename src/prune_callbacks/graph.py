@@ -61,6 +61,7 @@ class DependencyGraph:
         self.pruning_history: list[dict[str, Any]] = []
         self._param_fns: dict[int, tuple[PruningFunction, PruningFunction]] = {}
         self._head_reshapes: list[list[Edge]] | None = None
+        self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
         self._customized: dict[type, LayerPruner] = {}
 
     # ------------------------------------------------------------------ build
@@ -100,6 +101,7 @@ class DependencyGraph:
         self._names.update({p: n for n, p in model.named_parameters()})
         self._order = {m: i for i, m in enumerate(self._names)}
         self._head_reshapes: list[list[Edge]] | None = None
+        self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
         self._build_dependencies()
         if self.unknown_ops:
             warnings.warn(
@@ -458,6 +460,8 @@ class DependencyGraph:
             sides = ("in", "out") if coupled else (s,)
             all_c, all_r = list(rec), list(rec.values())
             for sd in sides:
+                for other, other_side in self._tied(node, sd):
+                    at_module(other, other_side, all_c, all_r, here)
                 for e in node.out_edges if sd == "out" else node.in_edges:
                     if e is None or e is from_edge:
                         continue
@@ -492,6 +496,27 @@ class DependencyGraph:
                         for e in _edges_at(dst, kind, i):
                             visit(e, r, origin)
         return self._make_group(root, side, records, sources, param_dims, edge_maps)
+
+    def _tied(self, node: Node, side: Side) -> list[tuple[Node, Side]]:
+        """Module sides that prune the same parameter along the same dimension as ``(node, side)``
+        (a weight shared by two modules, e.g. an embedding tied to the output layer): their
+        channels are the same channels."""
+        if self._tied_sides is None:
+            self._tied_sides = {}
+            users: dict[tuple[int, int], list[tuple[Node, Side]]] = {}
+            for n in self.nodes:
+                if not n.is_module or n.type == OpType.PARAMETER:
+                    continue
+                for sd in ("out", "in"):
+                    for p, dim in _param_dims(n, sd):
+                        users.setdefault((id(p), dim), []).append((n, sd))
+            for sides in users.values():
+                if len({id(n) for n, _ in sides}) > 1:
+                    for n, sd in sides:
+                        self._tied_sides.setdefault((n, sd), []).extend(
+                            (o, osd) for o, osd in sides if o is not n
+                        )
+        return self._tied_sides.get((node, side), [])
 
     def _couple_head_sizes(self, edge_maps: dict[Edge, RootMap], visit: Callable, origin: tuple) -> bool:
         """Reshapes in one module that split channels into (heads, head size) with the same head
@@ -880,6 +905,28 @@ SIZE_ATTRS = (
     "q_dim",
     "proj_size",
 )
+
+
+def _param_dims(node: Node, side: Side) -> list[tuple[nn.Parameter, int]]:
+    """(parameter, dimension) pairs a module side prunes, when a channel is a slice along one
+    dimension (read from the pruner's parameter views)."""
+    try:
+        views = node.pruner.param_views(node.module, side)
+    except (ValueError, NotImplementedError, AttributeError):
+        return []
+    out = []
+    for name, view in views:
+        p = node.module if name == "" else node.module.get_parameter(name)
+        if p.dim() == 0:
+            continue
+        index = torch.arange(p.numel()).view(p.shape)
+        flat = view(index)
+        for d in range(p.dim()):
+            coord = (flat // index.stride(d)) % p.shape[d]
+            if flat.shape[0] == p.shape[d] and bool((coord == torch.arange(p.shape[d])[:, None]).all()):
+                out.append((p, d))
+                break
+    return out
 
 
 def _head_split_shape(node: Node) -> bool:
