@@ -40,11 +40,14 @@ def _cat_sizes(node: Node, dim: int) -> list[int]:
 def _check_constants(node: Node, m: RootMap) -> None:
     """A constant operand (a tensor that is neither a parameter nor computed from one) that
     spans pruned channels would keep its old size: refuse instead of breaking the model."""
-    for shape in node.attrs.get("const_shapes") or ():
-        if shape is not None and im.broadcast_to(m, shape) is not None and any(
-            s > 1 and ms > 1 for s, ms in zip(shape[::-1], m.t.shape[::-1])
-        ):
-            raise Barrier(f"a constant tensor of shape {list(shape)} spans the pruned channels")
+    consts = [c for c in node.attrs.get("const_shapes") or () if c is not None]
+    if not consts:
+        return
+    sq = im.squeeze_constant(m)
+    for shape in consts:
+        for k in range(1, min(len(shape), sq.ndim) + 1):
+            if shape[-k] > 1 and sq.t.shape[-k] > 1:
+                raise Barrier(f"a constant tensor of shape {list(shape)} spans the pruned channels")
 
 
 def _hit_regions(m: RootMap, dim: int, offsets: list[int]) -> list[int]:
