@@ -27,8 +27,15 @@ def build(layers: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -50,9 +57,22 @@ def ours(layers: int) -> dict:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = Pruner(model, x, "random", pruning_ratio=0.3, prune_num_heads=True, head_pruning_ratio=0.25,
-                        ignored_layers=["model.embed_tokens", "lm_head", "model.norm", "*.o_proj", "*.down_proj",
-                                        "*layernorm*"])
+        pruner = Pruner(
+            model,
+            x,
+            "random",
+            pruning_ratio=0.3,
+            prune_num_heads=True,
+            head_pruning_ratio=0.25,
+            ignored_layers=[
+                "model.embed_tokens",
+                "lm_head",
+                "model.norm",
+                "*.o_proj",
+                "*.down_proj",
+                "*layernorm*",
+            ],
+        )
         pruner.step()
     elapsed = time.perf_counter() - t
     with torch.no_grad():
@@ -117,13 +137,23 @@ def main() -> None:
         row = ours(n)
         row["torch_pruning"] = None if args.no_tp else torch_pruning(n, args.tp_timeout)
         rows.append(row)
-        tp_txt = "skipped" if row["torch_pruning"] is None else (
-            f"{row['torch_pruning']['seconds']:.2f} s" if row["torch_pruning"]["seconds"] is not None
-            else row["torch_pruning"]["status"])
-        print(f"layers={n:3d} forward={row['forward_s']:.3f}s build+prune={row['build_and_prune_s']:.3f}s "
-              f"({row['forward_passes']:.1f} forward passes) per layer={row['build_and_prune_s'] / n:.3f}s "
-              f"mlp {row['mlp_width'][1]}->{row['mlp_width'][0]} heads {row['q_heads'][1]}->{row['q_heads'][0]} "
-              f"runs={row['runs']} | Torch-Pruning: {tp_txt}", flush=True)
+        tp_txt = (
+            "skipped"
+            if row["torch_pruning"] is None
+            else (
+                f"{row['torch_pruning']['seconds']:.2f} s"
+                if row["torch_pruning"]["seconds"] is not None
+                else row["torch_pruning"]["status"]
+            )
+        )
+        print(
+            f"layers={n:3d} forward={row['forward_s']:.3f}s build+prune={row['build_and_prune_s']:.3f}s "
+            f"({row['forward_passes']:.1f} forward passes) per layer={row['build_and_prune_s'] / n:.3f}s "
+            f"mlp {row['mlp_width'][1]}->{row['mlp_width'][0]} "
+            f"heads {row['q_heads'][1]}->{row['q_heads'][0]} "
+            f"runs={row['runs']} | Torch-Pruning: {tp_txt}",
+            flush=True,
+        )
     out = Path(__file__).parent / "results" / "llm_scaling.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

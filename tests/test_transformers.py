@@ -32,11 +32,19 @@ def _lm(cls, cfg, **kw):
 
 
 HF_MODELS = {
-    "llama_gqa": (_lm(tf.LlamaForCausalLM, tf.LlamaConfig, num_attention_heads=4, num_key_value_heads=2), _tok),
-    "llama_mha": (_lm(tf.LlamaForCausalLM, tf.LlamaConfig, num_attention_heads=4, num_key_value_heads=4), _tok),
+    "llama_gqa": (
+        _lm(tf.LlamaForCausalLM, tf.LlamaConfig, num_attention_heads=4, num_key_value_heads=2),
+        _tok,
+    ),
+    "llama_mha": (
+        _lm(tf.LlamaForCausalLM, tf.LlamaConfig, num_attention_heads=4, num_key_value_heads=4),
+        _tok,
+    ),
     "qwen2": (_lm(tf.Qwen2ForCausalLM, tf.Qwen2Config, num_attention_heads=4, num_key_value_heads=2), _tok),
     "mistral": (
-        _lm(tf.MistralForCausalLM, tf.MistralConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        _lm(
+            tf.MistralForCausalLM, tf.MistralConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+        ),
         _tok,
     ),
     "phi3": (
@@ -46,15 +54,27 @@ HF_MODELS = {
     "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)), _tok),
     "opt": (
         lambda: tf.OPTForCausalLM(
-            tf.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                         word_embed_proj_dim=64, pad_token_id=1)
+            tf.OPTConfig(
+                vocab_size=128,
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                pad_token_id=1,
+            )
         ),
         _tok,
     ),
     "bert": (
         lambda: tf.BertForSequenceClassification(
-            tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128)
+            tf.BertConfig(
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+            )
         ),
         _tok,
     ),
@@ -66,22 +86,43 @@ HF_MODELS = {
     ),
     "vit": (
         lambda: tf.ViTForImageClassification(
-            tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, num_labels=10)
+            tf.ViTConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                num_labels=10,
+            )
         ),
         _img,
     ),
     "dinov2": (
         lambda: tf.Dinov2ForImageClassification(
-            tf.Dinov2Config(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            mlp_ratio=2, num_labels=10)
+            tf.Dinov2Config(
+                image_size=32,
+                patch_size=8,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                mlp_ratio=2,
+                num_labels=10,
+            )
         ),
         _img,
     ),
     "swin": (
         lambda: tf.SwinForImageClassification(
-            tf.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
-                          num_labels=10)
+            tf.SwinConfig(
+                image_size=32,
+                patch_size=2,
+                embed_dim=16,
+                depths=[1, 1],
+                num_heads=[2, 4],
+                window_size=4,
+                num_labels=10,
+            )
         ),
         _img,
     ),
@@ -111,14 +152,20 @@ HF_MODELS = {
     ),
     "regnet": (
         lambda: tf.RegNetForImageClassification(
-            tf.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10)
+            tf.RegNetConfig(
+                embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, num_labels=10
+            )
         ),
         _img,
     ),
     "mobilevit": (
         lambda: tf.MobileViTForImageClassification(
-            tf.MobileViTConfig(image_size=32, hidden_sizes=[32, 48, 64],
-                               neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 64], num_labels=10)
+            tf.MobileViTConfig(
+                image_size=32,
+                hidden_sizes=[32, 48, 64],
+                neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 64],
+                num_labels=10,
+            )
         ),
         _img,
     ),
@@ -159,7 +206,9 @@ def test_hf_model_pruned_by_half_still_runs(name):
     assert torch.isfinite(out).all()
     assert p1 <= 0.7 * p0, f"parameters {p0} -> {p1}"
     heads_after = {n: getattr(m, a) for n, m in model.named_modules() for a in HEAD_ATTRS if hasattr(m, a)}
-    attention = [m for n, m in model.named_modules() if type(m).__name__.endswith(("Attention", "SelfAttention"))]
+    attention = [
+        m for n, m in model.named_modules() if type(m).__name__.endswith(("Attention", "SelfAttention"))
+    ]
     if attention and name not in HEADS_FIXED:
         # Every attention module reports its (reduced) head count.
         reported = [
@@ -183,9 +232,14 @@ class ShuffleUnit(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
         half = c // 2
         self.branch = nn.Sequential(
-            nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
-            nn.Conv2d(half, half, 3, padding=1, groups=half), nn.BatchNorm2d(half),
-            nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 1),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half),
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
         )
         self.head = nn.Conv2d(c, 8, 1)
         self.fc = nn.Linear(8, 4)

@@ -5,14 +5,47 @@ Flow: model -> :mod:`.tracing` -> :class:`DependencyGraph` (nodes, dependencies)
 """
 
 from .dependency import Dependency, Group, GroupItem, PruningError
+from .flops import count_macs_and_params, count_params, measure_latency
 from .graph import DependencyGraph
+from .history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
+from .importance import (
+    BNScaleImportance,
+    FisherImportance,
+    GradientImportance,
+    Importance,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+    get_importance,
+)
 from .index_mapping import Barrier
 from .node import Edge, Node
 from .ops import OpType, module2type
+from .optim_state import prune_optimizer_state
+from .pruner import Pruner
 from .pruning_functions import *  # noqa: F403 - the low-level pruning functions are public API
 from .pruning_functions import __all__ as _pf_all
 
 __all__ = [
+    "BNScaleImportance",
+    "FisherImportance",
+    "GradientImportance",
+    "Importance",
+    "MagnitudeImportance",
+    "Pruner",
+    "RandomImportance",
+    "StructuredPruning",  # noqa: F405 - resolved lazily by __getattr__
+    "TaylorImportance",
+    "apply_pruning_history",
+    "count_macs_and_params",
+    "count_params",
+    "get_importance",
+    "get_pruning_history",
+    "load_pruned",
+    "measure_latency",
+    "prune_optimizer_state",
+    "pruned_from_checkpoint",  # noqa: F405 - resolved lazily by __getattr__
+    "save_pruned",
     "Barrier",
     "Dependency",
     "DependencyGraph",
@@ -26,3 +59,13 @@ __all__ = [
     *_pf_all,
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """The Lightning callback is imported on first use, so the graph core and the Pruner work
+    (and import quickly) without Lightning."""
+    if name in ("StructuredPruning", "pruned_from_checkpoint"):
+        from . import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module 'prune_callbacks' has no attribute {name!r}")

@@ -503,9 +503,15 @@ class DependencyGraph:
         channels are the same channels."""
         if self._tied_sides is None:
             self._tied_sides = {}
+            owners: dict[int, set[int]] = {}
+            modules = [n for n in self.nodes if n.is_module and n.type != OpType.PARAMETER]
+            for n in modules:
+                for p in n.module.parameters():
+                    owners.setdefault(id(p), set()).add(id(n))
+            shared = {pid for pid, o in owners.items() if len(o) > 1}
             users: dict[tuple[int, int], list[tuple[Node, Side]]] = {}
-            for n in self.nodes:
-                if not n.is_module or n.type == OpType.PARAMETER:
+            for n in modules:
+                if not any(id(p) in shared for p in n.module.parameters()):
                     continue
                 for sd in ("out", "in"):
                     for p, dim in _param_dims(n, sd):
