@@ -53,7 +53,13 @@ def test_pruned_model_equals_masked_model(net, data):
             continue
         idxs = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n - 1, unique=True))
         root = group.root.dep
-        sub = dg.get_pruning_group(root.target.module, root.handler, idxs)
+        try:
+            sub = dg.get_pruning_group(root.target.module, root.handler, idxs)
+        except ValueError as e:
+            # The closure of these channels reaches every channel of some layer: refused with a
+            # clear error before anything changed.
+            assert "cannot prune" in str(e)
+            continue
         assert set(idxs) <= set(sub.root.idxs)
         if not dg.check_pruning_group(sub):
             before = [p.detach().clone() for p in model.parameters()]

@@ -102,6 +102,17 @@ _BOOL_RESULT = frozenset(
         "signbit",
     )
 )
+_MATMUL_OPS = {
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+}
+_SOFTMAX_OPS = {
+    torch.ops.aten._softmax.default,
+    torch.ops.aten._safe_softmax.default,
+    torch.ops.aten._log_softmax.default,
+}
 _BN_OPS = {
     torch.ops.aten._native_batch_norm_legit_no_training.default,
     torch.ops.aten._native_batch_norm_legit.default,
@@ -150,6 +161,16 @@ class _ShapeOnlyMode(TorchDispatchMode):
             shape[dim] = sum(t.shape[dim] for t in tensors)
             dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
             return torch.empty(shape, dtype=dtype, device="meta")
+        if func in _MATMUL_OPS:
+            a, b = args[-2], args[-1]
+            shape = (*a.shape[:-1], b.shape[-1])
+            return torch.empty(shape, dtype=torch.promote_types(a.dtype, b.dtype), device="meta")
+        if func is torch.ops.aten.native_layer_norm.default:
+            x, normalized = args[0], args[1]
+            stats = (*x.shape[: x.dim() - len(normalized)], *([1] * len(normalized)))
+            return torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)
+        if func in _SOFTMAX_OPS:
+            return torch.empty_like(args[0])
         if func in _BN_OPS:
             x = args[0]
             stats = torch.empty((x.shape[1],), dtype=torch.float32, device="meta")
