@@ -19,22 +19,11 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .tracing import call_model
+
 __all__ = ["call_model", "count_macs_and_params", "count_params", "measure_latency"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
-
-
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` with ``example_inputs``, dispatching on their container type.
-
-    A tensor (or any other single object) is passed as the only positional argument, a tuple or list
-    is unpacked as positional arguments and a mapping is unpacked as keyword arguments.
-    """
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def count_params(model: nn.Module) -> int:
