@@ -679,7 +679,7 @@ class DependencyGraph:
     # ------------------------------------------------------------------ module helpers
     def _pruner(self, node: Node) -> LayerPruner:
         if node.type == OpType.PARAMETER:
-            return self._param_functions(node)[0].pruner
+            return self._param_functions(node, node.pruning_dim)[0].pruner
         return node.pruner
 
     def _coupled(self, node: Node) -> bool:
