@@ -160,6 +160,18 @@ def _check(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
         return {"runs": False, "error": f"{type(e).__name__}: {e}"[:200]}
 
 
+def _summary(best: dict, runs: list[dict]) -> dict:
+    """Timings of one library on one model: the best round and every round."""
+    return {
+        "construct_s": round(best["construct"], 3),
+        "step_s": round(best["step"], 3),
+        "total_s": round(best["construct"] + best["step"], 3),
+        "all_totals_s": [round(r["construct"] + r["step"], 3) for r in runs],
+        "wall_s": round(best["wall"], 3),
+        "all_walls_s": [round(r["wall"], 3) for r in runs],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet50", "densenet201", "vit"])
@@ -204,25 +216,12 @@ def main() -> None:
         row = {
             "model": case.name,
             "ours": {
-                "construct_s": round(best["construct"], 3),
-                "step_s": round(best["step"], 3),
-                "total_s": round(ours_total, 3),
-                "all_totals_s": [round(r["construct"] + r["step"], 3) for r in ours],
-                "wall_s": round(best["wall"], 3),
-                "all_walls_s": [round(r["wall"], 3) for r in ours],
+                **_summary(best, ours),
                 "phases_wall_s": best["phases"],
                 "all_phases_wall_s": [r["phases"] for r in ours],
                 **ours_check,
             },
-            "torch_pruning": {
-                "construct_s": round(tbest["construct"], 3),
-                "step_s": round(tbest["step"], 3),
-                "total_s": round(tp_total, 3),
-                "all_totals_s": [round(r["construct"] + r["step"], 3) for r in tps],
-                "wall_s": round(tbest["wall"], 3),
-                "all_walls_s": [round(r["wall"], 3) for r in tps],
-                **tp_check,
-            },
+            "torch_pruning": {**_summary(tbest, tps), **tp_check},
             "dense": dense,
             "ratio": round(ours_total / tp_total, 4),
             "wall_ratio": round(best["wall"] / tbest["wall"], 4),

@@ -30,6 +30,8 @@ from .pruning_functions import (
     _ParameterPruningFunction,
     get_pruning_functions,
     once_per_parameter,
+    prune_depthwise_conv_in_channels,
+    prune_depthwise_conv_out_channels,
 )
 from .tracing import Trace, trace_model
 
@@ -163,8 +165,10 @@ class DependencyGraph:
         n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
         bad = [i for i in idxs if i < 0 or (n is not None and i >= n)]
         if bad:
-            raise ValueError(f"cannot prune {node.name}: channel indices {bad[:8]} are out of range for its "
-                             f"{n} {side}put channels")
+            raise ValueError(
+                f"cannot prune {node.name}: channel indices {bad[:8]} are out of range for its "
+                f"{n} {side}put channels"
+            )
         try:
             # One root id for all chosen channels: they are removed together, so only the
             # pruned/kept pattern matters.
@@ -257,16 +261,8 @@ class DependencyGraph:
                     if id(dst) in seen or not dst.type.is_virtual:
                         continue
                     seen.add(id(dst))
-                    if dst.type == OpType.RESHAPE:
-                        src, out = dst.attrs["in_shapes"][0], dst.attrs["out_shapes"][0]
-                        if (
-                            len(out) == len(src) + 1
-                            and out[-2] > 1
-                            and out[-1] > 1
-                            and out[-2] * out[-1] == src[-1]
-                            and src[:-1] == out[:-2]
-                        ):
-                            return out[-1]
+                    if dst.type == OpType.RESHAPE and _head_split_shape(dst):
+                        return dst.attrs["out_shapes"][0][-1]
                     if dst.type in (
                         OpType.ELEMENTWISE,
                         OpType.SPLIT,
@@ -555,8 +551,9 @@ class DependencyGraph:
                 size = e.shape[-1]
                 flat = torch.full((size,), im.KEPT, dtype=torch.long)
                 flat[list(cols)] = torch.tensor(list(cols.values()))
-                m = RootMap(flat.view((1,) * (len(e.shape) - 1) + (size,)),
-                            (False,) * (len(e.shape) - 1) + (True,))
+                m = RootMap(
+                    flat.view((1,) * (len(e.shape) - 1) + (size,)), (False,) * (len(e.shape) - 1) + (True,)
+                )
                 before = len(edge_maps)
                 old = edge_maps.get(e)
                 visit(e, m, origin)
@@ -706,11 +703,6 @@ class DependencyGraph:
         else:
             out_fn, in_fn = get_pruning_functions(node.pruner)
             if _depthwise_mult(node):
-                from .pruning_functions import (
-                    prune_depthwise_conv_in_channels,
-                    prune_depthwise_conv_out_channels,
-                )
-
                 out_fn, in_fn = prune_depthwise_conv_out_channels, prune_depthwise_conv_in_channels
         return out_fn if side == "out" else in_fn
 
@@ -938,8 +930,14 @@ def _param_dims(node: Node, side: Side) -> list[tuple[nn.Parameter, int]]:
 def _head_split_shape(node: Node) -> bool:
     """Whether a reshape splits the last dimension into (heads, head size)."""
     src, out = node.attrs["in_shapes"][0], node.attrs["out_shapes"][0]
-    return (src is not None and len(out) == len(src) + 1 and out[-2] > 1 and out[-1] > 1
-            and out[-2] * out[-1] == src[-1] and tuple(src[:-1]) == tuple(out[:-2]))
+    return (
+        src is not None
+        and len(out) == len(src) + 1
+        and out[-2] > 1
+        and out[-1] > 1
+        and out[-2] * out[-1] == src[-1]
+        and tuple(src[:-1]) == tuple(out[:-2])
+    )
 
 
 def _pruned_shape(shape: tuple[int, ...], m: RootMap) -> tuple[int, ...]:
