@@ -334,12 +334,6 @@ def _check_subsets(model: nn.Module, x: torch.Tensor, data, ignored=()) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="graph: when two root channels of a full group turn out to be coupled (e.g. cat(x, dw(x)) "
-    "read by one depthwise conv), the full group keeps separate root ids for them; filtering by root id "
-    "then misses the coupled channel. Needs root-id canonicalisation in DependencyGraph._closure.",
-)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(net=random_cnn(), data=st.data())
 def test_subset_groups_equal_graph_search_on_random_cnns(net, data) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -417,6 +418,9 @@ class DependencyGraph:
         # (edge, the group item that caused the change, the module the change came from: it has
         # already put its channels on all its tensors, so it is not asked again)
         queue: deque[tuple[Edge, tuple[Node, Side], Node | None]] = deque()
+        # Full-index closures give every root channel its own id; ids found to share an element
+        # are joined (see im.RootUnion). A subset closure has one id, so nothing to join.
+        union = im.RootUnion() if len(set(roots)) > 1 else None
 
         def visit(edge: Edge, m: RootMap, origin: tuple[Node, Side], via: Node | None = None) -> None:
             merged, changed = im.merge(edge_maps.get(edge), m)
@@ -442,11 +446,15 @@ class DependencyGraph:
             rec_side = "out" if coupled else s
             if _depthwise_mult(node) and coupled:
                 from_edge = None  # whole blocks may add channels to the edge they came from
-                chans, croots, rec_side = self._depthwise_to_in(node, s, chans, croots)
+                chans, croots, rec_side = self._depthwise_to_in(node, s, chans, croots, union)
             if id(node.module) in ignored and (rec_side == "out" or coupled):
                 raise Barrier(f"{node.name} is ignored, so its output channels cannot change")
             rec = records.setdefault((node, rec_side), {})
             new = [(c, r) for c, r in zip(chans, croots) if c not in rec]
+            if union is not None and len(new) < len(chans):
+                for c, r in zip(chans, croots):
+                    if c in rec and rec[c] != r:
+                        union.union(rec[c], r)
             if not new:
                 return
             for c, r in new:
@@ -465,15 +473,36 @@ class DependencyGraph:
                     if m is not None:
                         visit(e, m, here, node)
 
-        at_module(root, side, idxs, roots, (root, side))
-        while queue or self._couple_head_sizes(edge_maps, visit, (root, side)):
+        with im.joining_roots(union) if union is not None else nullcontext():
+            at_module(root, side, idxs, roots, (root, side))
+            self._drain(queue, edge_maps, visit, at_module, param_dims, (root, side), union)
+        if union is not None and union.parent:
+            for rec in records.values():
+                for c, r in rec.items():
+                    rec[c] = union.find(r)
+            for edge, m in edge_maps.items():
+                edge_maps[edge] = RootMap(union.canonical(m.t), m.explicit)
+        return self._make_group(root, side, records, sources, param_dims, edge_maps)
+
+    def _drain(
+        self,
+        queue: deque,
+        edge_maps: dict[Edge, RootMap],
+        visit: Callable,
+        at_module: Callable,
+        param_dims: dict,
+        origin0: tuple[Node, Side],
+        union: im.RootUnion | None,
+    ) -> None:
+        """Run the closure's queue until no tensor map changes."""
+        while queue or self._couple_head_sizes(edge_maps, visit, origin0, union):
             edge, origin, via = queue.popleft()
             m = edge_maps[edge]
             src = edge.src
             if src is via:
                 pass
             elif src.is_module:
-                got = self._read_module(src, "out", edge, m, param_dims)
+                got = self._read_module(src, "out", edge, m, param_dims, union)
                 if got is not None:
                     at_module(src, "out", *got, origin, edge)
             else:
@@ -484,14 +513,13 @@ class DependencyGraph:
                 if dst is via:
                     continue
                 if dst.is_module:
-                    got = self._read_module(dst, "in", edge, m, param_dims)
+                    got = self._read_module(dst, "in", edge, m, param_dims, union)
                     if got is not None:
                         at_module(dst, "in", *got, origin, edge)
                 else:
                     for kind, i, r in _through(propagation.from_input, dst, pos, m):
                         for e in _edges_at(dst, kind, i):
                             visit(e, r, origin)
-        return self._make_group(root, side, records, sources, param_dims, edge_maps)
 
     def _tied(self, node: Node, side: Side) -> list[tuple[Node, Side]]:
         """Module sides that prune the same parameter along the same dimension as ``(node, side)``
@@ -520,11 +548,18 @@ class DependencyGraph:
                         )
         return self._tied_sides.get((node, side), [])
 
-    def _couple_head_sizes(self, edge_maps: dict[Edge, RootMap], visit: Callable, origin: tuple) -> bool:
+    def _couple_head_sizes(
+        self,
+        edge_maps: dict[Edge, RootMap],
+        visit: Callable,
+        origin: tuple,
+        union: im.RootUnion | None = None,
+    ) -> bool:
         """Reshapes in one module that split channels into (heads, head size) with the same head
         size read it from the same place (one ``head_dim`` for queries, keys and values): when
         offsets inside the heads are removed from one of them, remove them from all of them.
-        Returns whether anything new was queued."""
+        An offset counts as removed when one root id covers it in every head (whole heads with
+        their own ids are not offsets). Returns whether anything new was queued."""
         if self._head_reshapes is None:
             by_owner: dict[tuple[int, int], list[Edge]] = {}
             for node in self.nodes:
@@ -542,7 +577,9 @@ class DependencyGraph:
                 if m is None or m.t.shape[-1] == 1:
                     continue
                 t = m.t.reshape(-1, m.t.shape[-1]) if m.t.dim() > 1 else m.t[None]
-                in_all = ((t >= 0).all(0)).nonzero().flatten().tolist()
+                if union is not None:
+                    t = union.canonical(t)
+                in_all = ((t >= 0) & (t == t[:1])).all(0).nonzero().flatten().tolist()
                 for d in in_all:
                     cols.setdefault(d, int(t[0, d]))
             if not cols:
@@ -776,6 +813,7 @@ class DependencyGraph:
         edge: Edge,
         m: RootMap,
         param_dims: dict,
+        union: im.RootUnion | None = None,
     ) -> tuple[list[int], list[int]] | None:
         """Channels of a module implied by a map on one of its tensors."""
         if node.type == OpType.PARAMETER and node.pruning_dim is None and node not in param_dims:
@@ -794,7 +832,9 @@ class DependencyGraph:
                 chans, roots = im.channels_at(m, dim, size)
                 folded: dict[int, int] = {}
                 for c, r in zip(chans, roots):
-                    folded.setdefault(c % n, r)
+                    first = folded.setdefault(c % n, r)
+                    if union is not None and first != r:
+                        union.union(first, r)
                 if len(chans) != len(folded) * (size // n):
                     raise Barrier(f"{node.name}: forward and backward directions pruned differently")
                 return list(folded), list(folded.values())
@@ -807,6 +847,7 @@ class DependencyGraph:
         side: Side,
         chans: list[int],
         roots: list[int],
+        union: im.RootUnion | None = None,
     ) -> tuple[list[int], list[int], Side]:
         mult = node.module.out_channels // node.module.in_channels
         if side == "in" or mult == 1:
@@ -815,7 +856,9 @@ class DependencyGraph:
         # that input's whole block of outputs: the closure grows to whole blocks.
         blocks: dict[int, int] = {}
         for c, r in zip(chans, roots):
-            blocks.setdefault(c // mult, r)
+            first = blocks.setdefault(c // mult, r)
+            if union is not None and first != r:
+                union.union(first, r)
         return list(blocks), list(blocks.values()), "in"
 
     def _fully_covered(self, group: Group) -> set[tuple[int, str]]:

@@ -11,7 +11,9 @@ is exact by construction; what cannot be expressed per channel raises :class:`Ba
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,67 @@ class RootMap:
 
     def any(self) -> bool:
         return bool((self.t >= 0).any())
+
+
+class RootUnion:
+    """Root ids that a full-index closure found to be one unit (union-find).
+
+    A full-index group gives every root channel its own id, so that any subset of ids can be
+    removed. Sometimes the closure finds two ids on the same element (``cat(x, dw(x))`` read by one
+    depthwise conv, a channel-shuffle reshape, ...): removing one without the other would break the
+    model, so they become one id. The smallest id of a set represents it.
+    """
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent.get(x, x) != x:
+            nxt = parent[x]
+            parent[x] = parent.get(nxt, nxt)
+            x = nxt
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Join ``a[i]`` with ``b[i]`` for every element pair."""
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1).unique(dim=0)
+        for x, y in pairs.tolist():
+            self.union(x, y)
+
+    def canonical(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with every id replaced by its set's representative (``KEPT`` stays)."""
+        if not self.parent:
+            return t
+        top = max(max(self.parent), int(t.max()) if t.numel() else 0) + 1
+        lut = torch.arange(-1, top)
+        for x in self.parent:
+            lut[x + 1] = self.find(x)
+        return lut[t + 1]
+
+
+_UNION: ContextVar[RootUnion | None] = ContextVar("prune_callbacks_root_union", default=None)
+
+
+@contextmanager
+def joining_roots(union: RootUnion) -> Iterator[RootUnion]:
+    """Within the block, elements found to carry two root ids join those ids in ``union``."""
+    token = _UNION.set(union)
+    try:
+        yield union
+    finally:
+        _UNION.reset(token)
+
+
+def _join(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> None:
+    union = _UNION.get()
+    if union is not None and bool(where.any()):
+        union.add(a[where], b[where])
 
 
 def channel_map(ndim: int, dim: int, size: int, idxs: Sequence[int], roots: Sequence[int]) -> RootMap:
@@ -63,6 +126,8 @@ def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     else:
         shape = tuple(max(x, y) for x, y in zip(old.t.shape, new.t.shape))
         a, b = old.t.expand(shape), new.t.expand(shape)
+    if _UNION.get() is not None:
+        _join(a, b, (a >= 0) & (b >= 0) & (a != b))
     added = (a < 0) & (b >= 0)
     if not bool(added.any()):
         return old, False
@@ -234,6 +299,8 @@ def product_closure(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     cols = partial.any(-2, keepdim=True)
     if bool(cols.any()):
         fill = torch.where(partial, x, torch.full_like(x, KEPT)).amax(-2, keepdim=True)
+        # Every root on a column that some root only partly covers goes with that column.
+        _join(fill.expand_as(x), x, cols & mask & (x != fill))
         x = torch.where(cols & ~mask, fill.expand_as(x), x)
     x = x.reshape(shape).movedim(list(range(t.dim() - k, t.dim())), dims)
     return product_closure(x, dims[1:])
