@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch

@@ -179,8 +179,11 @@ def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
     some positions only, which no layer can do.
     """
     dim = dim % m.ndim
-    m = collapse(m, [d for d in range(m.ndim) if d != dim],
-                 f"the pruned channels vary along other dimensions than dimension {dim}")
+    m = collapse(
+        m,
+        [d for d in range(m.ndim) if d != dim],
+        f"the pruned channels vary along other dimensions than dimension {dim}",
+    )
     if m.t.shape[dim] == 1 and size != 1:
         if bool((m.t >= 0).any()):
             raise Barrier(f"every channel of dimension {dim} would be pruned")

@@ -294,8 +294,12 @@ def _unexpand(m: RootMap, in_shape: tuple) -> RootMap | None:
     m = im.collapse(m, range(extra), "expand: channels on a dimension that the input does not have")
     m = RootMap(m.t.reshape(m.t.shape[extra:]), m.explicit[extra:])
     expanded = [d for d, s in enumerate(in_shape) if s == 1]
-    return im.collapse(m, expanded, "copies made by expand (e.g. repeated key/value heads) would be "
-                       "pruned differently; prune whole groups of copies")
+    return im.collapse(
+        m,
+        expanded,
+        "copies made by expand (e.g. repeated key/value heads) would be "
+        "pruned differently; prune whole groups of copies",
+    )
 
 
 def _repeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> RootMap:
@@ -326,8 +330,13 @@ def _unrepeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> 
 # ---------------------------------------------------------------------------------------------
 # Matrix products: out[..., i, j] = sum_k a[..., i, k] * b[..., k, j] (+ bias)
 # ---------------------------------------------------------------------------------------------
-_MATMUL_ROLES = {"Mm": (0, 1, None), "Bmm": (0, 1, None), "Matmul": (0, 1, None),
-                 "Addmm": (1, 2, 0), "Baddbmm": (1, 2, 0)}
+_MATMUL_ROLES = {
+    "Mm": (0, 1, None),
+    "Bmm": (0, 1, None),
+    "Matmul": (0, 1, None),
+    "Addmm": (1, 2, 0),
+    "Baddbmm": (1, 2, 0),
+}
 
 
 def _rows_cols(m: RootMap, rdim: int, cdim: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,8 +445,12 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
     whole = (feat >= 0).all(dim=-1, keepdim=True) & (feat == feat.narrow(-1, 0, 1)).all(dim=-1, keepdim=True)
     heads = torch.where(whole, feat.narrow(-1, 0, 1), KEPT_T)
     qk = side == "in" and pos in (0, 1)
-    parts = [("in", 0, feat if qk else heads, sq), ("in", 1, feat if qk else heads, sk),
-             ("in", 2, heads if qk else feat, sv), ("out", 0, heads if qk else feat, out_shape)]
+    parts = [
+        ("in", 0, feat if qk else heads, sq),
+        ("in", 1, feat if qk else heads, sk),
+        ("in", 2, heads if qk else feat, sv),
+        ("out", 0, heads if qk else feat, out_shape),
+    ]
     res = []
     for kind, i, t, shape in parts:
         if (kind, i) == at:
@@ -445,8 +458,10 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
         if rep > 1 and kind == "in" and i in (1, 2) and t.shape[-3] > 1:
             grouped = t.unflatten(-3, (t.shape[-3] // rep, rep))
             if not bool((grouped == grouped.narrow(-3, 0, 1)).all()):
-                raise Barrier("copies made by grouped-query attention (query heads sharing a key/value "
-                              "head) would be pruned differently; prune whole groups of copies")
+                raise Barrier(
+                    "copies made by grouped-query attention (query heads sharing a key/value "
+                    "head) would be pruned differently; prune whole groups of copies"
+                )
             t = grouped.narrow(-3, 0, 1).squeeze(-3)
         r = _as_map(t, shape)
         if r is not None:
