@@ -450,15 +450,17 @@ class DependencyGraph:
             if id(node.module) in ignored and (rec_side == "out" or coupled):
                 raise Barrier(f"{node.name} is ignored, so its output channels cannot change")
             rec = records.setdefault((node, rec_side), {})
-            new = [(c, r) for c, r in zip(chans, croots) if c not in rec]
-            if union is not None and len(new) < len(chans):
-                for c, r in zip(chans, croots):
-                    if c in rec and rec[c] != r:
-                        union.union(rec[c], r)
-            if not new:
-                return
-            for c, r in new:
-                rec[c] = r
+            if rec:
+                new = [(c, r) for c, r in zip(chans, croots) if c not in rec]
+                if union is not None and len(new) < len(chans):
+                    for c, r in zip(chans, croots):
+                        if c in rec and rec[c] != r:
+                            union.union(rec[c], r)
+                if not new:
+                    return
+                rec.update(new)
+            else:
+                rec.update(zip(chans, croots))
             sources.setdefault((node, rec_side), origin)
             here = (node, rec_side)
             sides = ("in", "out") if coupled else (s,)

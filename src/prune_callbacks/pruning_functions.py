@@ -103,12 +103,14 @@ def normalize_idxs(idxs: Idxs, num_channels: int, module: object) -> list[int]:
     if isinstance(idxs, Tensor):
         if idxs.dtype == torch.bool or idxs.is_floating_point() or idxs.is_complex():
             raise TypeError(f"{_name(module)}: channel indices must be integers, got a {idxs.dtype} tensor")
-        values = [int(i) for i in idxs.reshape(-1).tolist()]
+        values = idxs.reshape(-1).tolist()
+    elif isinstance(idxs, list) and all(type(i) is int for i in idxs):
+        values = idxs
     else:
         values = [operator.index(i) for i in idxs]
     unique = sorted(set(values))
-    bad = [i for i in unique if i < 0 or i >= num_channels]
-    if bad:
+    if unique and (unique[0] < 0 or unique[-1] >= num_channels):
+        bad = [i for i in unique if i < 0 or i >= num_channels]
         raise ValueError(
             f"{_name(module)}: channel indices {bad} are out of range for {num_channels} channels"
         )
