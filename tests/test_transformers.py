@@ -170,14 +170,7 @@ HF_MODELS = {
         _img,
     ),
 }
-FLAKY = {
-    "gpt2": "after other models in the same process the fused c_attn head group is sometimes left unpruned "
-    "(heads stay 4); alone it prunes heads. Not yet understood",
-}
-KNOWN_FAILURES = {
-    "swin": "the relative position bias reaches attention through a path the trace does not see, so its "
-    "head dimension is not pruned",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 # Phi-3 slices its fused qkv projection at offsets computed from the shared config: its heads are
 # a barrier (left whole, with a warning); hidden size and MLP are still pruned.
@@ -193,8 +186,6 @@ def _run(model: nn.Module, x):
 def test_hf_model_pruned_by_half_still_runs(name, request):
     if name in KNOWN_FAILURES:
         pytest.xfail(KNOWN_FAILURES[name])
-    if name in FLAKY:
-        request.applymarker(pytest.mark.xfail(reason=FLAKY[name], strict=False))
     torch.manual_seed(0)
     build, inputs = HF_MODELS[name]
     model = build().eval()
@@ -298,6 +289,29 @@ class WindowBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+class FusedAttentionBlock(nn.Module):
+    """timm-style attention: one fused qkv projection reshaped to (3, heads, head size), and a
+    learned per-head bias passed to ``scaled_dot_product_attention`` as its additive mask."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.embed = nn.Linear(6, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(num_heads, tokens, tokens) * 0.1)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        qkv = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        h = h + self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.head(h.mean(1))
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -355,11 +369,13 @@ def _masked_check(model: nn.Module, x, pick) -> None:
 
 
 def _half(group) -> list[int]:
-    n = len(group.root.idxs)
-    if group.head_blocks:
-        block = n // group.head_blocks
-        return [c for h in range(0, group.head_blocks, 2) for c in range(h * block, (h + 1) * block)]
-    return list(range(0, n, 2)) if n > 1 else []
+    """Every other root unit of the group (a channel, or a whole head of a head group)."""
+    root = group.root
+    ids = sorted(set(root.root_idxs))
+    if len(ids) < 2:
+        return []
+    chosen = set(ids[::2])
+    return [c for c, r in zip(root.idxs, root.root_idxs) if r in chosen]
 
 
 def test_shuffle_unit_masked_equivalence():
@@ -379,6 +395,21 @@ def test_window_attention_masked_equivalence_and_heads():
     _masked_check(model, x, _half)
     assert model.attn.num_heads == 2
     assert model.attn.bias_table.shape[1] == 2
+    assert model(x).shape == (2, 3)
+
+
+def test_fused_qkv_heads_with_attention_bias_masked_equivalence():
+    torch.manual_seed(0)
+    model = FusedAttentionBlock()
+    x = torch.randn(2, 8, 6)
+    dg = DependencyGraph().build_dependency(model, x)
+    heads = next(g for g in dg.get_all_groups() if g.root.dep.target.module is model.qkv)
+    # q, k and v of a head are one unit: four heads, not twelve blocks
+    assert heads.head_blocks == 4 and len(set(heads.root.root_idxs)) == 4
+    assert any(it.dep.target.module is model.bias for it in heads)
+    _masked_check(model, x, _half)
+    assert model.num_heads == 2
+    assert model.bias.shape == (2, 8, 8) and model.qkv.out_features == 3 * 2 * model.head_dim
     assert model(x).shape == (2, 3)
 
 
@@ -406,3 +437,61 @@ def test_gqa_single_query_head_cannot_be_pruned_alone():
     assert attn.k_proj.out_features == head_dim and attn.v_proj.out_features == head_dim
     assert attn.num_heads == 2 and attn.num_key_value_heads == 1
     assert _run(model, x).logits.shape == (1, 8, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused attention op (seen when a model is traced on real tensors): the additive mask's heads
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_node(mask_shape, const_mask=None):
+    from prune_callbacks.node import Node
+    from prune_callbacks.ops import OpType
+
+    q = (2, 4, 8, 16)
+    node = Node(None, None, "sdpa", OpType.ATTENTION)
+    node.attrs["in_shapes"] = [q, q, q, mask_shape]
+    node.attrs["out_shapes"] = [q]
+    node.attrs["const_shapes"] = [None, None, None, const_mask]
+    return node
+
+
+def _head_map(head: int, mask: bool = False):
+    """Map removing whole head ``head``: on q/k/v/out every feature of the head (explicit head and
+    feature dims), on a (heads, L, S) mask its head entries."""
+    from prune_callbacks.index_mapping import RootMap
+
+    width = 1 if mask else 16
+    t = torch.full((4, 1, width), -1)
+    t[head] = 0
+    if mask:
+        return RootMap(t, (True, False, False))
+    return RootMap(t.unsqueeze(0), (False, True, False, True))
+
+
+def test_fused_attention_prunes_the_heads_of_its_mask():
+    from prune_callbacks import propagation
+
+    got = {(k, i): r for k, i, r in propagation.from_input(_attention_node((4, 8, 8)), 0, _head_map(1))}
+    mask = got[("in", 3)].t
+    assert mask.shape[-3] == 4 and (mask.flatten() >= 0).tolist() == [False, True, False, False]
+    from_mask = propagation.from_input(_attention_node((4, 8, 8)), 3, _head_map(2, mask=True))
+    back = {(k, i): r for k, i, r in from_mask}
+    for key in (("in", 0), ("in", 1), ("in", 2), ("out", 0)):
+        pruned = back[key].t >= 0
+        assert pruned.shape[1] == 4
+        assert pruned.any(-1).any(-1).flatten().tolist() == [False, False, True, False]
+    # a mask shared by all heads stays as it is
+    shared = propagation.from_input(_attention_node((1, 8, 8)), 0, _head_map(1))
+    assert ("in", 3) not in {(k, i) for k, i, _ in shared}
+
+
+def test_fused_attention_refuses_token_masks_and_constant_head_masks():
+    from prune_callbacks import propagation
+    from prune_callbacks.index_mapping import Barrier, RootMap
+
+    tokens = RootMap(torch.tensor([-1, 0, -1, -1, -1, -1, -1, -1]).view(1, 8, 1), (False, True, False))
+    with pytest.raises(Barrier, match="tokens"):
+        propagation.from_input(_attention_node((4, 8, 8)), 3, tokens)
+    with pytest.raises(Barrier, match="constant attention mask"):
+        propagation.from_input(_attention_node(None, const_mask=(4, 8, 8)), 0, _head_map(1))

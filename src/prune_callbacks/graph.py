@@ -9,6 +9,7 @@ channel sets of the model (:meth:`DependencyGraph.get_all_groups`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -293,7 +294,8 @@ class DependencyGraph:
             except Barrier as exc:
                 error = error or exc
                 continue
-            group.head_blocks = n // b
+            # heads found to be one unit (a fused q/k/v projection) share one root id
+            group.head_blocks = len(set(group.root.root_idxs))
             return group
         raise error or Barrier("no head structure could be pruned")
 
@@ -686,8 +688,7 @@ class DependencyGraph:
             old, new = edge.shape, _pruned_shape(edge.shape, m)
             if old == new:
                 continue
-            src = node.attrs["in_shapes"][0]
-            split = len(old) == len(src) + 1 and old[:-2] == tuple(src[:-1])
+            split = _head_split_shape(node)
             for d in range(len(old)):
                 if old[d] == new[d]:
                     continue
@@ -973,15 +974,17 @@ def _param_dims(node: Node, side: Side) -> list[tuple[nn.Parameter, int]]:
 
 
 def _head_split_shape(node: Node) -> bool:
-    """Whether a reshape splits the last dimension into (heads, head size)."""
+    """Whether a reshape splits the last dimension into (heads, head size), possibly after
+    leading factors such as the 3 of a fused (q, k, v, heads, head size) projection."""
     src, out = node.attrs["in_shapes"][0], node.attrs["out_shapes"][0]
+    if src is None or len(out) < len(src) + 1:
+        return False
+    lead = len(src) - 1
     return (
-        src is not None
-        and len(out) == len(src) + 1
-        and out[-2] > 1
+        out[-2] > 1
         and out[-1] > 1
-        and out[-2] * out[-1] == src[-1]
-        and tuple(src[:-1]) == tuple(out[:-2])
+        and math.prod(out[lead:]) == src[-1]
+        and tuple(src[:-1]) == tuple(out[:lead])
     )
 
 

@@ -209,14 +209,19 @@ def _align(m: RootMap, ndim: int) -> RootMap:
 
 def broadcast_to(m: RootMap, shape: Sequence[int]) -> RootMap | None:
     """Map onto a broadcast operand or result of ``shape``; None when the operand is broadcast
-    along a channel dimension (then its elements are shared by several channels and stay)."""
+    along a dimension where the pruned pattern varies (then its elements are shared by pruned and
+    kept channels and stay). Along a dimension where the pattern is the same everywhere (e.g. a
+    per-head bias broadcast over the batch while whole heads go), the operand is pruned with it."""
     m = _align(m, len(shape))
     for d, size in enumerate(shape):
         msize = m.t.shape[d]
         if msize == 1:
             continue
         if size == 1:
-            return None
+            if not constant_along(m, d):
+                return None
+            m = RootMap(m.t.narrow(d, 0, 1), m.explicit[:d] + (False,) + m.explicit[d + 1 :])
+            continue
         if size != msize:
             raise Barrier(f"an elementwise op changes the size of channel dimension {d} ({msize} -> {size})")
     return m

@@ -416,6 +416,15 @@ def _on(m: RootMap, shape: tuple) -> RootMap:
     return r
 
 
+def _check_mask(node: Node, heads: torch.Tensor) -> None:
+    """A constant attention mask with a head dimension would keep its old head count."""
+    consts = node.attrs.get("const_shapes") or ()
+    const = consts[3] if len(consts) > 3 else None
+    if const is None or len(const) < 3 or const[-3] == 1 or not bool((heads >= 0).any()):
+        return
+    raise Barrier(f"a constant attention mask of shape {list(const)} has one entry per head")
+
+
 def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, int, RootMap]]:
     """Fused scaled-dot-product attention: q (..., L, E), k (..., S, E), v (..., S, Ev) ->
     out (..., L, Ev). Query/key feature columns are coupled; value features go to the output;
@@ -431,20 +440,36 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
         raise Barrier("attention with broadcast batch or head dimensions")
     rep = sq[-3] // sk[-3]  # grouped-query attention: each key/value head serves `rep` query heads
     side, pos = at
-    if side == "in" and pos >= 3:
-        return []
     nd = len(sq)
-    full = {0: sq, 1: sk, 2: sv}[pos] if side == "in" else out_shape
-    rows, feat = _rows_cols(_on(m, full), nd - 2, nd - 1, "attention")
-    kv_side = side == "in" and pos in (1, 2)
-    if rep > 1 and kv_side:
-        feat = feat.repeat_interleave(rep, dim=-3) if feat.shape[-3] > 1 else feat
-        rows = rows.repeat_interleave(rep, dim=-3) if rows.shape[-3] > 1 else rows
-    if bool((rows >= 0).any()):
-        raise Barrier("attention: whole query/key/value positions (tokens) cannot be pruned")
-    whole = (feat >= 0).all(dim=-1, keepdim=True) & (feat == feat.narrow(-1, 0, 1)).all(dim=-1, keepdim=True)
-    heads = torch.where(whole, feat.narrow(-1, 0, 1), KEPT_T)
-    qk = side == "in" and pos in (0, 1)
+    mask_shape = tuple(in_shapes[3]) if len(in_shapes) > 3 and in_shapes[3] is not None else None
+    if side == "in" and pos >= 3:
+        if pos > 3 or mask_shape is None:
+            return []
+        # An additive mask or bias (..., heads, L, S): its head entries go with whole heads.
+        t = _on(m, mask_shape).t
+        t = t.reshape((1,) * (nd - t.dim()) + tuple(t.shape))
+        first = t.narrow(-1, 0, 1).narrow(-2, 0, 1)
+        if not bool((t == first).all()):
+            raise Barrier("attention: mask positions (tokens) cannot be pruned")
+        feat = heads = first
+        qk = False
+    else:
+        full = {0: sq, 1: sk, 2: sv}[pos] if side == "in" else out_shape
+        rows, feat = _rows_cols(_on(m, full), nd - 2, nd - 1, "attention")
+        kv_side = side == "in" and pos in (1, 2)
+        if rep > 1 and kv_side:
+            feat = feat.repeat_interleave(rep, dim=-3) if feat.shape[-3] > 1 else feat
+            rows = rows.repeat_interleave(rep, dim=-3) if rows.shape[-3] > 1 else rows
+        # a pruned row is a token unless every feature column is pruned there too (a whole head
+        # whose map is broadcast over the tokens)
+        if bool(((rows >= 0) & ~(feat >= 0).all(dim=-1, keepdim=True)).any()):
+            raise Barrier("attention: whole query/key/value positions (tokens) cannot be pruned")
+        whole = (feat >= 0).all(dim=-1, keepdim=True) & (feat == feat.narrow(-1, 0, 1)).all(
+            dim=-1, keepdim=True
+        )
+        heads = torch.where(whole, feat.narrow(-1, 0, 1), KEPT_T)
+        qk = side == "in" and pos in (0, 1)
+    _check_mask(node, heads)
     parts = [
         ("in", 0, feat if qk else heads, sq),
         ("in", 1, feat if qk else heads, sk),
@@ -452,6 +477,10 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
         ("out", 0, heads if qk else feat, out_shape),
     ]
     res = []
+    if mask_shape is not None and at != ("in", 3) and bool((heads >= 0).any()):
+        r = im.broadcast_to(RootMap(heads, tuple(s != 1 for s in heads.shape)), mask_shape)
+        if r is not None:  # a mask broadcast over heads is shared by all of them and stays
+            res.append(("in", 3, r))
     for kind, i, t, shape in parts:
         if (kind, i) == at:
             continue
