@@ -10,6 +10,7 @@ channel sets of the model (:meth:`DependencyGraph.get_all_groups`).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -65,6 +66,7 @@ class DependencyGraph:
         self.pruning_history: list[dict[str, Any]] = []
         self._param_fns: dict[int, tuple[PruningFunction, PruningFunction]] = {}
         self._head_reshapes: list[list[Edge]] | None = None
+        self._head_block_hints: dict[tuple[str, int, int], int] = {}
         self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
         self._customized: dict[type, LayerPruner] = {}
 
@@ -283,9 +285,15 @@ class DependencyGraph:
         channel's id is its block's first channel. Under grouped-query attention a block is a
         key/value head with its query heads (the smallest block size that works)."""
         error: Barrier | None = None
-        for b in range(head_dim, n + 1, head_dim):
-            if n % b or b == n:
-                continue
+        # Repeated layers (same name up to layer numbers) have the same block size: try the one
+        # found for an earlier layer first.
+        key = (re.sub(r"\.\d+(?=\.|$)", ".#", node.name), n, head_dim)
+        sizes = [b for b in range(head_dim, n + 1, head_dim) if n % b == 0 and b != n]
+        hint = self._head_block_hints.get(key)
+        if hint in sizes:
+            sizes.remove(hint)
+            sizes.insert(0, hint)
+        for b in sizes:
             try:
                 roots = [c - c % b for c in range(n)]
                 group = self._closure(node, "out", list(range(n)), roots, ignored, root_dim)
@@ -296,6 +304,7 @@ class DependencyGraph:
                 continue
             # heads found to be one unit (a fused q/k/v projection) share one root id
             group.head_blocks = len(set(group.root.root_idxs))
+            self._head_block_hints[key] = b
             return group
         raise error or Barrier("no head structure could be pruned")
 
