@@ -174,7 +174,7 @@ KNOWN_FAILURES: dict[str, str] = {}
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 # Phi-3 slices its fused qkv projection at offsets computed from the shared config: its heads are
 # a barrier (left whole, with a warning); hidden size and MLP are still pruned.
-HEADS_FIXED = ("phi3", "mobilevit")
+HEADS_FIXED = ("phi3",)
 
 
 def _run(model: nn.Module, x):

@@ -126,8 +126,11 @@ def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     else:
         shape = tuple(max(x, y) for x, y in zip(old.t.shape, new.t.shape))
         a, b = old.t.expand(shape), new.t.expand(shape)
+    diff = a != b
+    if not bool(diff.any()):
+        return old, False
     if _UNION.get() is not None:
-        _join(a, b, (a >= 0) & (b >= 0) & (a != b))
+        _join(a, b, diff & (a >= 0) & (b >= 0))
     added = (a < 0) & (b >= 0)
     if not bool(added.any()):
         return old, False

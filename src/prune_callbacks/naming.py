@@ -48,13 +48,16 @@ def _unknown(name: str, names: Iterable[str], what: str) -> ValueError:
     return ValueError(f"{what}: no module or parameter of the model is named {name!r}{hint}")
 
 
-def resolve_one(model: nn.Module, spec: Any, what: str = "module name") -> list[Any]:
+def resolve_one(
+    model: nn.Module, spec: Any, what: str = "module name", named: dict[str, Any] | None = None
+) -> list[Any]:
     """Modules/parameters selected by one ``spec``.
 
     ``spec`` may be a module or parameter of ``model``, a module class (every instance inside
     ``model``), an exact name or a wildcard pattern. Raises ``ValueError`` for a name or pattern
     that matches nothing (listing close matches) and for an object that is not part of ``model``;
-    ``TypeError`` for anything else.
+    ``TypeError`` for anything else. ``named`` may pass in the model's names (from an earlier call)
+    so that resolving many specs lists the model once.
     """
     if isinstance(spec, nn.Parameter):
         if not any(p is spec for p in model.parameters()):
@@ -69,7 +72,7 @@ def resolve_one(model: nn.Module, spec: Any, what: str = "module name") -> list[
     if isinstance(spec, type) and issubclass(spec, nn.Module):
         return [m for m in model.modules() if isinstance(m, spec)]
     if isinstance(spec, str):
-        named = _named(model)
+        named = _named(model) if named is None else named
         if spec in named:
             return [named[spec]]
         if is_pattern(spec):
@@ -88,8 +91,10 @@ def resolve_modules(model: nn.Module, specs: Iterable[Any] | None, what: str = "
     and without duplicates."""
     out: list[Any] = []
     seen: set[int] = set()
-    for spec in specs or ():
-        for obj in resolve_one(model, spec, what):
+    specs = list(specs or ())
+    named = _named(model) if any(isinstance(s, str) for s in specs) else None
+    for spec in specs:
+        for obj in resolve_one(model, spec, what, named):
             if id(obj) not in seen:
                 seen.add(id(obj))
                 out.append(obj)

@@ -180,9 +180,25 @@ class _ShapeOnlyMode(TorchDispatchMode):
                 return args[0]
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             if tensors and all(t.device.type == "meta" for t in tensors):
-                shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+                shape = _broadcast_shapes([t.shape for t in tensors])
                 return torch.empty(shape, dtype=_result_dtype(func, args, tensors), device="meta")
         return func(*args, **kwargs)
+
+
+def _broadcast_shapes(shapes: list[torch.Size]) -> list[int]:
+    """``torch.broadcast_shapes`` for plain integer shapes, without its per-call overhead (it
+    runs for every pointwise op of the trace)."""
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for s in shapes:
+        off = nd - len(s)
+        for i, d in enumerate(s):
+            cur = out[off + i]
+            if d != 1 and d != cur:
+                if cur != 1:
+                    raise RuntimeError(f"shapes {[list(x) for x in shapes]} cannot be broadcast together")
+                out[off + i] = d
+    return out
 
 
 def _result_dtype(func: Any, args: tuple, tensors: list[torch.Tensor]) -> torch.dtype:
