@@ -488,3 +488,34 @@ def test_history_is_recorded_on_the_model() -> None:
     hist = get_pruning_history(model)
     assert hist and hist is pruner.pruning_history()
     assert all(isinstance(r["items"], list) for r in hist)
+
+
+def test_state_dict_resumes_the_schedule_on_a_fresh_model() -> None:
+    """A pruner rebuilt on a fresh copy (history replayed, weights loaded) continues the schedule
+    exactly where the first one stopped, e.g. after a checkpoint."""
+    from prune_callbacks.history import apply_pruning_history, get_pruning_history
+
+    torch.manual_seed(0)
+    dense = _resnet()
+    model = copy.deepcopy(dense)
+    kwargs = {"pruning_ratio": 0.6, "iterative_steps": 3, "global_pruning": True}
+    first = Pruner(model, _x(), "l2", **kwargs)
+    first.step()
+    state = first.state_dict()
+    assert state["current_step"] == 1 and state["init_channels"]
+    assert all(isinstance(k, str) and isinstance(v, int) for k, v in state["init_channels"].items())
+
+    fresh = copy.deepcopy(dense)
+    apply_pruning_history(fresh, get_pruning_history(model))
+    fresh.load_state_dict(model.state_dict())
+    resumed = Pruner(fresh, _x(), "l2", **kwargs)
+    resumed.load_state_dict(state)
+    assert resumed.current_step == 1
+    first.step()
+    resumed.step()
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    # without the state, the new pruner would start the schedule again (different widths)
+    restarted = Pruner(copy.deepcopy(fresh), _x(), "l2", **kwargs)
+    assert restarted.current_step == 0

@@ -468,7 +468,7 @@ class StructuredPruning(Callback):
             "history": _plain(get_pruning_history(module)) if module is not None else [],
         }
         if self.pruner is not None and module is not None:
-            state["pruner"] = _pruner_state(self.pruner, module)
+            state["pruner"] = self.pruner.state_dict()
             state["importance"] = _importance_state(self.importance, module)
         elif self._pending_state is not None:
             state["pruner"] = self._pending_state.get("pruner")
@@ -550,7 +550,7 @@ class StructuredPruning(Callback):
         names.update({p: n for n, p in pl_module.named_parameters()})
         pending, self._pending_state = self._pending_state, None
         if pending is not None and pending.get("pruner") is not None:
-            _load_pruner_state(self.pruner, pl_module, pending["pruner"])
+            self.pruner.load_state_dict(pending["pruner"])
             _load_importance_state(self.importance, pl_module, pending.get("importance"))
             if self.target_speedup is not None and self.dense_macs is not None:
                 self.pruner.dense_macs = self.dense_macs
@@ -783,29 +783,6 @@ def _resolve_names(model: nn.Module, specs: Sequence[Any], what: str) -> list[An
             except ValueError:
                 raise first from None
     return out
-
-
-def _pruner_state(pruner: Pruner, model: nn.Module) -> dict[str, Any]:
-    """Plain-data counters of the pruner: current step and original channels per group root."""
-    names = {id(m): n for n, m in model.named_modules()}
-    names.update({id(p): n for n, p in model.named_parameters()})
-    init = {
-        f"{names[mid]}|{side}": int(n) for (mid, side), n in pruner._init_channels.items() if mid in names
-    }
-    return {"current_step": int(pruner.current_step), "init_channels": init, "dense_macs": pruner.dense_macs}
-
-
-def _load_pruner_state(pruner: Pruner, model: nn.Module, state: Mapping[str, Any]) -> None:
-    pruner.current_step = int(state.get("current_step", 0))
-    for key, n in (state.get("init_channels") or {}).items():
-        name, side = key.rsplit("|", 1)
-        try:
-            target = _lookup(model, name)
-        except AttributeError:
-            continue
-        pruner._init_channels[(id(target), side)] = int(n)
-    if state.get("dense_macs") is not None:
-        pruner.dense_macs = int(state["dense_macs"])
 
 
 def _importance_state(importance: Any, model: nn.Module) -> dict[str, Any] | None:

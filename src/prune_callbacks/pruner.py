@@ -320,6 +320,33 @@ class Pruner:
             ratio = self._ratio_by_module[id(module)]
         return self._ratios_for(ratio)[min(step, self.iterative_steps) - 1]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data progress of the schedule (current step, channels each group root had before
+        the first step, dense MACs), keyed by module/parameter names so it can be saved in a
+        checkpoint and loaded into a pruner built on a fresh copy of the model."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        names.update({id(p): n for n, p in self.model.named_parameters()})
+        init = {
+            f"{names[mid]}|{side}": int(n) for (mid, side), n in self._init_channels.items() if mid in names
+        }
+        return {"current_step": int(self.current_step), "init_channels": init, "dense_macs": self.dense_macs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the schedule from :meth:`state_dict` (names that no longer exist are skipped)."""
+        self.current_step = int(state.get("current_step", 0))
+        for key, n in (state.get("init_channels") or {}).items():
+            name, side = key.rsplit("|", 1)
+            try:
+                target = self.model.get_submodule(name)
+            except AttributeError:
+                try:
+                    target = self.model.get_parameter(name)
+                except AttributeError:
+                    continue
+            self._init_channels[(id(target), side)] = int(n)
+        if state.get("dense_macs") is not None:
+            self.dense_macs = int(state["dense_macs"])
+
     def step(self, interactive: bool = False) -> Iterator[Group] | None:
         """Run one pruning step.
 
