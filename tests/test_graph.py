@@ -1416,33 +1416,28 @@ def test_sequential_prunes_on_one_graph() -> None:
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """Channels-first LayerNorm that permutes inside (as in HF ConvNeXt and many vision models)."""
+    """Channels-first LayerNorm that permutes inside (as in many vision models). Its channel
+    dimension is read from the permutes it runs, so an 8x8 map with 8 channels is not ambiguous."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _ln2d_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3), LayerNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+class TransposedLayerNorm2d(nn.LayerNorm):
+    """The same with a transpose (channels to the last dim and back) and a contiguous copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 3).contiguous()).transpose(1, 3)
 
 
-@pytest.mark.parametrize(
-    "hw",
-    [
-        6,
-        pytest.param(
-            10,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core bug: the LayerNorm channel dim is guessed by size; with an 8x8 map and 8 "
-                "channels the last dim is taken and the group is blocked",
-            ),
-        ),
-    ],
-    ids=["4x4-map", "8x8-map-equal-to-channels"],
-)
-def test_channels_first_layernorm(hw: int) -> None:
-    model = _ln2d_model()
+def _ln2d_model(norm: type = LayerNorm2d) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), norm(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+
+
+@pytest.mark.parametrize("norm", [LayerNorm2d, TransposedLayerNorm2d], ids=["permute", "transpose"])
+@pytest.mark.parametrize("hw", [6, 10], ids=["4x4-map", "8x8-map-equal-to-channels"])
+def test_channels_first_layernorm(hw: int, norm: type) -> None:
+    model = _ln2d_model(norm)
     x = torch.randn(1, 3, hw, hw)
     dg = build(model, x)
     (group,) = dg.get_all_groups()

@@ -779,6 +779,9 @@ class DependencyGraph:
             dim = node.pruning_dim if node.pruning_dim is not None else param_dims.get(node)
             return dim % nd if dim is not None else None
         size = self._channels(node, side, param_dims.get(node))
+        if t == OpType.LN and "channel_dims" in node.attrs:
+            d = node.attrs["channel_dims"][side]
+            return d if d < nd and shape[d] == size else None
         if t == OpType.LN and getattr(node.module, "data_format", None) == "channels_first" and nd > 1:
             return 1
         if t == OpType.CUSTOMIZED or (t == OpType.LN and size is not None and shape[-1] != size):

@@ -429,6 +429,10 @@ def _trace(
             e.dsts.append((node, len(node.in_edges)))
             node.in_edges.append(e)
         node.attrs["in_shapes"] = [e.shape if e is not None else None for e in node.in_edges]
+        if node.type == OpType.LN and srcs and srcs[0] is not None:
+            dims = _layer_norm_channel_dims(node.grad_fn, srcs[0][0])
+            if dims is not None:
+                node.attrs["channel_dims"] = dims
         if node.type.is_virtual:
             _read_saved(node)
             # Shapes of constant operands (tensors without grad): the op's own arguments.
@@ -466,6 +470,55 @@ def _leaf_type(module: nn.Module, pruner: LayerPruner) -> OpType:
     if t == OpType.ELEMENTWISE:
         return OpType.CUSTOMIZED
     return t
+
+
+def _layer_norm_channel_dims(out_fn: Any, in_fn: Any) -> dict[str, int] | None:
+    """Channel dimension of a LayerNorm module's input and output, read from the ops it ran.
+
+    A LayerNorm subclass may permute inside (channels-first feature maps normalised over the
+    channel dimension): following its permutes around the layer-norm op tells which dimension
+    holds the channels, which guessing by size cannot when a spatial size equals the channel
+    count. None when the module ran anything else.
+    """
+    chain: list[Any] = []
+    fn = out_fn
+    while fn is not in_fn:
+        if fn is None or len(chain) > 16:
+            return None
+        chain.append(fn)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    names = [grad_fn_name(f) for f in chain]
+    if names.count("NativeLayerNorm") != 1:
+        return None
+    at = names.index("NativeLayerNorm")
+    ndim = len(chain[at]._input_metadata[0].shape)
+
+    def perm(f: Any) -> list[int] | None:
+        name = grad_fn_name(f)
+        if name in ("Clone", "Contiguous"):
+            return list(range(ndim))
+        if name == "Permute":
+            return [d % ndim for d in _signed(f._saved_dims)]
+        if name == "Transpose":
+            p = list(range(ndim))
+            d0, d1 = _signed(f._saved_dim0) % ndim, _signed(f._saved_dim1) % ndim
+            p[d0], p[d1] = p[d1], p[d0]
+            return p
+        return None
+
+    out_dim = ndim - 1
+    for f in reversed(chain[:at]):  # ops after the layer norm, in the order they ran
+        p = perm(f)
+        if p is None:
+            return None
+        out_dim = p.index(out_dim)
+    in_dim = ndim - 1
+    for f in chain[at + 1 :]:  # ops before it, from the layer norm back to the module input
+        p = perm(f)
+        if p is None:
+            return None
+        in_dim = p[in_dim]
+    return {"in": in_dim, "out": out_dim}
 
 
 _SAVED = (
