@@ -519,3 +519,16 @@ def test_state_dict_resumes_the_schedule_on_a_fresh_model() -> None:
     # without the state, the new pruner would start the schedule again (different widths)
     restarted = Pruner(copy.deepcopy(fresh), _x(), "l2", **kwargs)
     assert restarted.current_step == 0
+
+
+def test_round_to_does_not_cancel_head_pruning() -> None:
+    """round_to rounds channel counts; a head group counts heads (6 heads, half pruned: 3 stay,
+    although 3 is no multiple of 8)."""
+    torch.manual_seed(0)
+    model = TinyViT(dim=48, depth=1, num_heads=6).eval()
+    pruner = Pruner(
+        model, _x(1), "l2", pruning_ratio=0.0, prune_num_heads=True, head_pruning_ratio=0.5, round_to=8
+    )
+    pruner.step()
+    assert model.blocks[0].attn.num_heads == 3
+    assert model(_x(1)).shape == (1, 10)

@@ -113,7 +113,8 @@ class Pruner:
         iterative_steps: number of :meth:`step` calls to reach ``pruning_ratio``.
         schedule: ``"linear"``, ``"cubic"`` (Zhu & Gupta's AGP), ``"exponential"`` or an explicit
             list of cumulative ratios (one per step).
-        round_to: channels kept per group are a multiple of this (when the group allows it).
+        round_to: channels kept per group are a multiple of this (when the group allows it);
+            attention-head groups count heads and are not rounded.
         ignored_layers: modules, parameters, module classes or name patterns whose output
             channels must not change (their submodules too).
         prune_num_heads, head_pruning_ratio: attention projections are pruned by whole heads
@@ -461,8 +462,9 @@ class Pruner:
         if self._is_head_group(group):
             if not self.prune_num_heads or self.head_pruning_ratio <= 0:
                 return 0
+            # round_to is about channel counts; a head group counts heads, which it leaves alone
             return self._local_count(
-                group, self._original(group), self._ratios_for(self.head_pruning_ratio)[k]
+                group, self._original(group), self._ratios_for(self.head_pruning_ratio)[k], rounded=False
             )
         override = self._override(group)
         if override is not None:
@@ -494,11 +496,12 @@ class Pruner:
             keep = (keep // r + 1) * r
         return min(keep, n_cur)
 
-    def _local_count(self, group: Group, n0: int, ratio: float) -> int:
+    def _local_count(self, group: Group, n0: int, ratio: float, rounded: bool = True) -> int:
         n_cur = group_index(group).n
         keep = n0 - int(math.floor(n0 * ratio + 0.5))
         keep = max(keep, self._min_keep(n0))
-        keep = self._round_keep(keep, n_cur)
+        if rounded:
+            keep = self._round_keep(keep, n_cur)
         return max(0, n_cur - keep)
 
     def _counts(self, groups: list[Group], scores: list[Tensor | None], k: int) -> list[int]:
