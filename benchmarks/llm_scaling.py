@@ -8,7 +8,7 @@ task with Torch-Pruning (capped at 300 s, in a subprocess). Prints a table and w
 One CPU thread; the forward pass is the median of 5, build+prune the best of ``--rounds`` runs
 (each on a freshly built model) after a warm-up on a one-layer model.
 
-    python benchmarks/llm_scaling.py [--layers 2 8 32] [--rounds 3] [--tp-timeout 300] [--no-tp]
+    python benchmarks/llm_scaling.py [--layers 2 8 32] [--rounds 3] [--seq 64] [--tp-timeout 300] [--no-tp]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, SEQ = 256, 8, 2, 688, 1024, 64
 
 
-def build(layers: int) -> torch.nn.Module:
+def build(layers: int, seq: int = SEQ) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -38,13 +38,13 @@ def build(layers: int) -> torch.nn.Module:
         num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
-        max_position_embeddings=SEQ,
+        max_position_embeddings=max(seq, SEQ),
     )
     return LlamaForCausalLM(cfg).eval()
 
 
-def inputs() -> dict:
-    return {"input_ids": torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(0))}
+def inputs(seq: int = SEQ) -> dict:
+    return {"input_ids": torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))}
 
 
 def _prune(model: torch.nn.Module, x: dict) -> float:
@@ -74,9 +74,9 @@ def _prune(model: torch.nn.Module, x: dict) -> float:
     return time.perf_counter() - t
 
 
-def ours(layers: int, rounds: int) -> dict:
+def ours(layers: int, rounds: int, seq: int = SEQ) -> dict:
     """Median forward pass and best of ``rounds`` build+prune runs, each on a fresh model."""
-    model, x = build(layers), inputs()
+    model, x = build(layers, seq), inputs(seq)
     with torch.no_grad():
         model(**x)
         times = []
@@ -88,7 +88,7 @@ def ours(layers: int, rounds: int) -> dict:
     p0 = sum(p.numel() for p in model.parameters())
     prune_times = [_prune(model, x)]
     for _ in range(rounds - 1):
-        fresh = build(layers)
+        fresh = build(layers, seq)
         prune_times.append(_prune(fresh, x))
     elapsed = min(prune_times)
     mlp = [m for n, m in model.named_modules() if n.endswith("mlp.gate_proj")]
@@ -97,6 +97,7 @@ def ours(layers: int, rounds: int) -> dict:
     attn = model.model.layers[0].self_attn
     return {
         "layers": layers,
+        "seq": seq,
         "forward_s": forward,
         "build_and_prune_s": elapsed,
         "build_and_prune_rounds_s": prune_times,
@@ -105,7 +106,7 @@ def ours(layers: int, rounds: int) -> dict:
         "params_after": sum(p.numel() for p in model.parameters()),
         "mlp_width": [mlp[0].out_features, FFN],
         "q_heads": [attn.q_proj.out_features // attn.head_dim, HEADS],
-        "runs": tuple(out.shape) == (1, SEQ, VOCAB),
+        "runs": tuple(out.shape) == (1, seq, VOCAB),
     }
 
 
@@ -115,7 +116,7 @@ warnings.simplefilter("ignore")
 sys.path.insert(0, {here!r})
 from llm_scaling import build, inputs
 import torch_pruning as tp
-model, x = build({layers}), inputs()
+model, x = build({layers}, {seq}), inputs({seq})
 t = time.perf_counter()
 pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.RandomImportance(), pruning_ratio=0.3,
     num_heads={{m.q_proj: m.config.num_attention_heads for m in model.modules() if hasattr(m, "q_proj")}},
@@ -125,12 +126,12 @@ print("TP_SECONDS", time.perf_counter() - t)
 """
 
 
-def torch_pruning(layers: int, timeout: float) -> dict:
+def torch_pruning(layers: int, timeout: float, seq: int = SEQ) -> dict:
     try:
         import torch_pruning  # noqa: F401
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "torch-pruning"], check=False)
-    code = TP_SCRIPT.format(here=str(Path(__file__).parent), layers=layers)
+    code = TP_SCRIPT.format(here=str(Path(__file__).parent), layers=layers, seq=seq)
     t = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
@@ -149,14 +150,15 @@ def main() -> None:
     ap.add_argument("--tp-timeout", type=float, default=300.0)
     ap.add_argument("--no-tp", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="build+prune rounds per depth (best is kept)")
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens of the example input (and the forward pass)")
     ap.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "llm_scaling.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     _prune(build(1), inputs())  # warm-up: first-call costs (imports, kernel registration) are not pruning
     rows = []
     for n in args.layers:
-        row = ours(n, args.rounds)
-        row["torch_pruning"] = None if args.no_tp else torch_pruning(n, args.tp_timeout)
+        row = ours(n, args.rounds, args.seq)
+        row["torch_pruning"] = None if args.no_tp else torch_pruning(n, args.tp_timeout, args.seq)
         rows.append(row)
         tp_txt = (
             "skipped"
