@@ -9,12 +9,13 @@ channel sets of the model (:meth:`DependencyGraph.get_all_groups`).
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -39,6 +40,21 @@ from .pruning_functions import (
 from .tracing import Trace, trace_model
 
 Side = str
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: tracing, building groups and pruning create many
+    small objects, and the collections they trigger would walk every live container of the process
+    again and again (seconds on big models). Reference counting still frees memory."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
 
 DEFAULT_ROOT_TYPES: tuple[type, ...] = (
     nn.modules.conv._ConvNd,
@@ -90,14 +106,15 @@ class DependencyGraph:
         """
         self.model = model
         self._customized = dict(customized_pruners or {})
-        trace: Trace = trace_model(
-            model,
-            example_inputs,
-            forward_fn,
-            output_transform,
-            _unwrapped_dict(unwrapped_parameters),
-            self._customized,
-        )
+        with gc_paused():
+            trace: Trace = trace_model(
+                model,
+                example_inputs,
+                forward_fn,
+                output_transform,
+                _unwrapped_dict(unwrapped_parameters),
+                self._customized,
+            )
         self.nodes = trace.nodes
         self.module2node = {**trace.module_nodes, **trace.param_nodes}
         self.traced_on_meta = trace.on_meta
@@ -108,7 +125,8 @@ class DependencyGraph:
         self._order = {m: i for i, m in enumerate(self._names)}
         self._head_reshapes: list[list[Edge]] | None = None
         self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
-        self._build_dependencies()
+        with gc_paused():
+            self._build_dependencies()
         if self.unknown_ops:
             warnings.warn(
                 "prune_callbacks: treated these autograd ops as elementwise (channel layout kept): "
@@ -191,6 +209,10 @@ class DependencyGraph:
         Groups rooted at ``ignored_layers`` (or that would change their output channels) and
         groups blocked by an op whose channel mapping cannot be proven are left out.
         """
+        with gc_paused():
+            return self._all_groups(ignored_layers, root_module_types)
+
+    def _all_groups(self, ignored_layers: Iterable[Any], root_module_types: Sequence[type]) -> list[Group]:
         ignored = {id(m) for m in ignored_layers} | self.ignored
         root_types = tuple(root_module_types) + tuple(self._customized)
         covered: set[tuple[int, Side]] = set()

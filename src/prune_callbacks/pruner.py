@@ -28,7 +28,6 @@ One step:
 from __future__ import annotations
 
 import bisect
-import gc
 import math
 import time
 import warnings
@@ -46,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import index_mapping as im
 from .dependency import Group, GroupItem, PruningError
 from .flops import _eval_no_grad, call_model, count_macs_and_params
-from .graph import DEFAULT_ROOT_TYPES, DependencyGraph
+from .graph import DEFAULT_ROOT_TYPES, DependencyGraph, gc_paused
 from .history import get_pruning_history
 from .importance import GradientImportance, Importance, get_importance, group_index
 from .index_mapping import RootMap
@@ -231,7 +230,7 @@ class Pruner:
         #: Seconds spent per phase ("graph", "groups", "importance", "selection", "pruning",
         #: "macs"), summed over the pruner's life; reset it freely.
         self.timings: dict[str, float] = {}
-        with self._gc_paused():
+        with gc_paused():
             self._build(model, example_inputs, forward_fn, output_transform, unwrapped, customized_pruners)
         self.dense_macs: int | None = None
         self.last_macs: int | None = None
@@ -278,20 +277,6 @@ class Pruner:
                     ignored_layers=self.ignored_layers, root_module_types=self.root_module_types
                 )
         return self._groups
-
-    @staticmethod
-    @contextmanager
-    def _gc_paused() -> Iterator[None]:
-        """Pause Python's cyclic garbage collector: building the graph and pruning create many
-        small objects, and collections triggered by them would walk every live container of the
-        process again and again (seconds on big models). Reference counting still frees memory."""
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            yield
-        finally:
-            if was_enabled:
-                gc.enable()
 
     @contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
@@ -362,7 +347,7 @@ class Pruner:
                 stacklevel=2,
             )
             return iter(()) if interactive else None
-        with self._gc_paused():
+        with gc_paused():
             return self._step(interactive)
 
     def _step(self, interactive: bool) -> Iterator[Group] | None:
