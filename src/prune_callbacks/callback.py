@@ -66,6 +66,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .flops import count_macs_and_params
 from .history import CHECKPOINT_HISTORY_KEY, PRUNED_FORMAT, apply_pruning_history, get_pruning_history
 from .importance import get_importance
+from .naming import lookup, resolve_one
 from .optim_state import check_optimizer_state, prune_optimizer_state
 from .pruner import Pruner
 from .pruning_functions import track_parameter_updates
@@ -630,7 +631,7 @@ class StructuredPruning(Callback):
         dg = self.pruner.DG
         out: dict[str, int] = {}
         for name, info in self._dense_widths.items():
-            target = _lookup(pl_module, name)
+            target = lookup(pl_module, name)
             n = dg.get_out_channels(target) if info["side"] == "out" else dg.get_in_channels(target)
             out[name] = int(n) if n is not None else int(info["channels"])
         return out
@@ -758,18 +759,9 @@ def _check_ranks_agree(pl_module: nn.Module) -> None:
         raise RuntimeError("StructuredPruning: ranks ended a pruning step with different parameter shapes")
 
 
-def _lookup(model: nn.Module, name: str) -> Any:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return model.get_parameter(name)
-
-
 def _resolve_names(model: nn.Module, specs: Sequence[Any], what: str) -> list[Any]:
     """Modules/parameters for names or patterns; unmatched names are retried as suffixes so that
     ``"fc"`` finds ``"model.fc"`` inside a LightningModule (objects pass through)."""
-    from .naming import resolve_one
-
     out: list[Any] = []
     for spec in specs:
         if not isinstance(spec, str):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["is_pattern", "resolve_modules", "resolve_one"]
+__all__ = ["is_pattern", "lookup", "resolve_modules", "resolve_one"]
 
 _WILDCARDS = set("*?[")
 
@@ -25,6 +25,15 @@ _WILDCARDS = set("*?[")
 def is_pattern(name: str) -> bool:
     """True when ``name`` contains shell wildcards (``*``, ``?``, ``[``)."""
     return any(ch in _WILDCARDS for ch in name)
+
+
+def lookup(model: nn.Module, name: str) -> Any:
+    """The submodule or parameter of ``model`` with the exact name ``name`` (``AttributeError``
+    when there is none)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_parameter(name)
 
 
 def _named(model: nn.Module) -> dict[str, Any]:

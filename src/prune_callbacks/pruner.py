@@ -49,7 +49,7 @@ from .graph import DEFAULT_ROOT_TYPES, DependencyGraph, gc_paused
 from .history import get_pruning_history
 from .importance import GradientImportance, Importance, get_importance, group_index
 from .index_mapping import RootMap
-from .naming import resolve_modules, resolve_one
+from .naming import lookup, resolve_modules, resolve_one
 from .schedule import ratio_schedule
 
 __all__ = ["Pruner", "SCHEDULES", "count_macs_and_params"]
@@ -323,12 +323,9 @@ class Pruner:
         for key, n in (state.get("init_channels") or {}).items():
             name, side = key.rsplit("|", 1)
             try:
-                target = self.model.get_submodule(name)
+                target = lookup(self.model, name)
             except AttributeError:
-                try:
-                    target = self.model.get_parameter(name)
-                except AttributeError:
-                    continue
+                continue
             self._init_channels[(id(target), side)] = int(n)
         if state.get("dense_macs") is not None:
             self.dense_macs = int(state["dense_macs"])
