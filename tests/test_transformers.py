@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune_callbacks import DependencyGraph
+from prune_callbacks import DependencyGraph, OpType
 from prune_callbacks.pruner import Pruner
 
 tf = pytest.importorskip("transformers")
@@ -309,6 +309,22 @@ class FusedAttentionBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+class ConstantHeadMaskAttention(FusedAttentionBlock):
+    """Attention with a constant (buffer) additive mask per head. With ``data_dependent`` the
+    forward reads values, so the graph is traced on real tensors instead of meta ones."""
+
+    def __init__(self, data_dependent: bool = False) -> None:
+        super().__init__()
+        del self.bias
+        self.register_buffer("bias", torch.randn(self.num_heads, 8, 8) * 0.1)
+        self.data_dependent = data_dependent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_dependent and x.sum() > 1e9:
+            x = x * 0
+        return super().forward(x)
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -408,6 +424,36 @@ def test_fused_qkv_heads_with_attention_bias_masked_equivalence():
     assert model.num_heads == 2
     assert model.bias.shape == (2, 8, 8) and model.qkv.out_features == 3 * 2 * model.head_dim
     assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("data_dependent", [False, True], ids=["meta-trace", "real-trace"])
+def test_constant_head_mask_keeps_heads_on_both_trace_paths(data_dependent: bool) -> None:
+    # The trace records attention as one fused op, whose constant mask is not an input of the
+    # autograd graph; its shape is still known, so the heads it has entries for stay.
+    torch.manual_seed(0)
+    model = ConstantHeadMaskAttention(data_dependent)
+    x = torch.randn(2, 8, 6)
+    dg = DependencyGraph().build_dependency(model, x)
+    assert dg.traced_on_meta is not data_dependent
+    assert any(n.type == OpType.ATTENTION for n in dg.nodes)
+    with pytest.warns(UserWarning, match="constant attention mask"):
+        groups = dg.get_all_groups()
+    assert all(g.root.dep.target.module is not model.qkv for g in groups)
+
+
+def test_meta_trace_records_attention_as_one_fused_op():
+    torch.manual_seed(0)
+    model = FusedAttentionBlock()
+    del model.bias
+    model.bias = None
+    dg = DependencyGraph().build_dependency(model, torch.randn(2, 8, 6))
+    assert dg.traced_on_meta
+    ops = [n.attrs.get("op") for n in dg.nodes if n.type.is_virtual]
+    assert ops.count("ScaledDotProductFlashAttentionForCpu") == 1 and "Bmm" not in ops
+    # a learned bias needs its gradient path: that attention stays decomposed (and is pruned
+    # with its heads, see the masked-equivalence test above)
+    dg = DependencyGraph().build_dependency(FusedAttentionBlock(), torch.randn(2, 8, 6))
+    assert not any(n.type == OpType.ATTENTION for n in dg.nodes)
 
 
 def test_lstm_classifier_masked_equivalence():

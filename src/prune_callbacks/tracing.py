@@ -126,15 +126,20 @@ class _ArgShapes(TorchFunctionMode):
     arguments (autograd does not record constants: tensors that need no grad) and the innermost
     module running at that moment (whose size attributes may describe the op)."""
 
-    def __init__(self, running: list[nn.Module]) -> None:
+    def __init__(self, running: list[nn.Module], fuse_attention: bool = False) -> None:
         super().__init__()
         self.running = running
+        self.fuse_attention = fuse_attention
         self.shapes: dict[Any, list[tuple[int, ...]]] = {}
         self.owners: dict[Any, nn.Module | None] = {}
         self.calls: dict[Any, str] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        out = None
+        if self.fuse_attention and func is _SDPA:
+            out = _fused_attention(*args, **(kwargs or {}))
+        if out is None:
+            out = func(*args, **(kwargs or {}))
         results = out if isinstance(out, (tuple, list)) else (out,)
         for r in results:
             fn = r.grad_fn if isinstance(r, torch.Tensor) else None
@@ -145,6 +150,46 @@ class _ArgShapes(TorchFunctionMode):
                 self.owners[fn] = self.running[-1] if self.running else None
                 self.calls[fn] = getattr(func, "__name__", "")
         return out
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor | None:
+    """Scaled-dot-product attention as one fused CPU op, or None to run it as called.
+
+    On meta tensors (and on CPU ones when it picks its math path) torch decomposes attention
+    into a dozen ops: matmuls, softmax, head copies for grouped queries, and the add of a
+    constant mask, which the trace cannot see as such. The fused op is one node for the graph,
+    one step for the trace, and its mask argument is recorded. A mask that needs grad must stay
+    an input of the graph, so that attention keeps the decomposed form.
+    """
+    tensors = (query, key, value)
+    if any(t.dim() != 4 or t.device.type not in ("cpu", "meta") for t in tensors):
+        return None
+    if query.shape[-1] != value.shape[-1]:
+        return None
+    if attn_mask is not None and attn_mask.requires_grad:
+        return None
+    if query.shape[1] != key.shape[1] and not (enable_gqa and query.shape[1] % key.shape[1] == 0):
+        return None
+    if attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )[0]
+    except RuntimeError:  # a case the fused kernel does not take (mask dtype, layout...)
+        return None
 
 
 class _ShapeOnlyMode(TorchDispatchMode):
@@ -298,7 +343,7 @@ def _trace(
     out_fn_module: dict[Any, nn.Module] = {}
     module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
     running: list[nn.Module] = []  # modules whose forward is executing, innermost last
-    arg_shapes = _ArgShapes(running)
+    arg_shapes = _ArgShapes(running, fuse_attention=True)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         running.append(module)
@@ -440,6 +485,9 @@ def _trace(
             args = arg_shapes.shapes.get(node.grad_fn)
             if args is not None and len(args) == len(node.in_edges):
                 node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
+            elif args is not None and node.type == OpType.ATTENTION and len(args) > 3 == len(node.in_edges):
+                # the fused op does not record a constant mask as an input: keep its shape
+                node.attrs["const_shapes"] = [None, None, None, args[3]]
 
     for node in nodes:
         for e in node.out_edges:
