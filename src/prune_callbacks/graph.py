@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import index_mapping as im
-from . import propagation
+from . import propagation, repeats
 from .dependency import Dependency, Group, GroupItem, PruningError, snapshot
 from .index_mapping import Barrier, RootMap
 from .node import Edge, Node
@@ -218,6 +218,9 @@ class DependencyGraph:
         covered: set[tuple[int, Side]] = set()
         groups: list[tuple[Group, set[tuple[int, Side]]]] = []
         blocked: list[str] = []
+        # The last group found for each layer name up to block numbers (with its channel count,
+        # head size and dimension): the next block's layer may be its copy (see repeats.py).
+        templates: dict[tuple, Group] = {}
         for node in self._ordered_module_nodes():
             module = node.module
             if id(module) in ignored:
@@ -236,16 +239,21 @@ class DependencyGraph:
             if not n or n < 2:
                 continue
             head_dim = self._head_split(node, n)
-            try:
-                if head_dim:
-                    group = self._head_group(node, n, head_dim, ignored, root_dim)
-                else:
-                    group = self._closure(node, "out", list(range(n)), list(range(n)), ignored, root_dim)
-            except OutputBarrier:
-                continue
-            except Barrier as b:
-                blocked.append(f"{node.name}: {b}")
-                continue
+            key = (_block_pattern(node.name), n, head_dim, root_dim)
+            template = templates.get(key)
+            group = self._copy_group(template, node, ignored) if template is not None else None
+            if group is None:
+                try:
+                    if head_dim:
+                        group = self._head_group(node, n, head_dim, ignored, root_dim)
+                    else:
+                        group = self._closure(node, "out", list(range(n)), list(range(n)), ignored, root_dim)
+                except OutputBarrier:
+                    continue
+                except Barrier as b:
+                    blocked.append(f"{node.name}: {b}")
+                    continue
+                templates[key] = group
             full = self._fully_covered(group)
             covered |= full
             groups.append((group, full))
@@ -262,6 +270,83 @@ class DependencyGraph:
                 continue
             result.append(g)
         return result
+
+    def _copy_group(self, template: Group, root: Node, ignored: set[int]) -> Group | None:
+        """The full group of ``root`` as a copy of ``template`` (the same layer of another block),
+        or None unless everything the template's closure read has an identical counterpart."""
+        maps: dict[Edge, RootMap] = getattr(template, "_edge_maps", {})
+        explored = {it.dep.target for it in template} | {it.dep.source for it in template}
+        for e in maps:
+            explored.add(e.src)
+            explored.update(d for d, _ in e.dsts)
+        match = repeats.correspondence(
+            explored, template.root.dep.target, root, lambda a, b: self._same_node(a, b, ignored)
+        )
+        if match is None or not self._same_head_reshapes(explored, match):
+            return None
+        items = []
+        for it in template:
+            dep = it.dep
+            src, tgt = match.nodes[dep.source], match.nodes[dep.target]
+            trigger = self._fn(src, _side_of(dep.trigger), _param_dim(dep.trigger))
+            handler = self._fn(tgt, _side_of(dep.handler), _param_dim(dep.handler))
+            items.append(
+                GroupItem(
+                    Dependency(trigger, handler, src, tgt, dep.index_mapping),
+                    list(it.idxs),
+                    list(it.root_idxs),
+                )
+            )
+        edge_maps = {match.edges[e]: m for e, m in maps.items()}
+        group = Group(items, self, self._attribute_updates(edge_maps))
+        group._edge_maps = edge_maps
+        group.head_blocks = template.head_blocks
+        return group
+
+    def _same_node(self, a: Node, b: Node, ignored: set[int]) -> bool:
+        """Whether a closure reads the same from ``a`` as from ``b``: op, recorded shapes and
+        arguments, and for layers their kind, sizes, parameters and ignored status."""
+        if a.type != b.type or a.pruning_dim != b.pruning_dim or not repeats.same_value(a.attrs, b.attrs):
+            return False
+        if not a.is_module:
+            return True
+        if (id(a.module) in ignored) != (id(b.module) in ignored):
+            return False
+        if a.type == OpType.PARAMETER:
+            return a.module.shape == b.module.shape and a.module.dtype == b.module.dtype
+        ma, mb = a.module, b.module
+        if type(ma) is not type(mb) or a.pruner is not b.pruner:
+            return False
+        if any(self._tied(n, sd) for n in (a, b) for sd in ("in", "out")):
+            return False
+        shapes_a = [(k, p.shape) for k, p in ma.named_parameters()]
+        shapes_b = [(k, p.shape) for k, p in mb.named_parameters()]
+        return (
+            shapes_a == shapes_b
+            and self._channels(a, "out") == self._channels(b, "out")
+            and self._channels(a, "in") == self._channels(b, "in")
+            and self._coupled(a) == self._coupled(b)
+            and _depthwise_mult(a) == _depthwise_mult(b)
+            and getattr(ma, "data_format", None) == getattr(mb, "data_format", None)
+        )
+
+    def _same_head_reshapes(self, explored: set[Node], match: repeats.Match) -> bool:
+        """Head-splitting reshapes are coupled per module (see :meth:`_couple_head_sizes`): the
+        explored ones must have counterparts coupled in the same way."""
+        by_edge = {id(e): edges for edges in self._head_reshape_groups() for e in edges}
+        for node in explored:
+            for e in node.out_edges if node.type == OpType.RESHAPE else ():
+                edges = by_edge.get(id(e))
+                if edges is None:
+                    if id(match.edges[e]) in by_edge:
+                        return False
+                    continue
+                if any(x not in match.edges for x in edges):
+                    return False
+                mine = by_edge.get(id(match.edges[e]))
+                if mine is None or {id(match.edges[x]) for x in edges} != {id(x) for x in mine}:
+                    return False
+        return True
 
     def _matmul_weight(self, node: Node) -> bool:
         """A bare 2-D parameter used as the right operand of a matrix product is a linear layer
@@ -309,7 +394,7 @@ class DependencyGraph:
         error: Barrier | None = None
         # Repeated layers (same name up to layer numbers) have the same block size: try the one
         # found for an earlier layer first.
-        key = (re.sub(r"\.\d+(?=\.|$)", ".#", node.name), n, head_dim)
+        key = (_block_pattern(node.name), n, head_dim)
         sizes = [b for b in range(head_dim, n + 1, head_dim) if n % b == 0 and b != n]
         hint = self._head_block_hints.get(key)
         if hint in sizes:
@@ -583,6 +668,18 @@ class DependencyGraph:
                         )
         return self._tied_sides.get((node, side), [])
 
+    def _head_reshape_groups(self) -> list[list[Edge]]:
+        """Outputs of the reshapes that one module runs to split channels into heads of one size
+        (its queries, keys and values), per module and head size, where there are several."""
+        if self._head_reshapes is None:
+            by_owner: dict[tuple[int, int], list[Edge]] = {}
+            for node in self.nodes:
+                if node.type == OpType.RESHAPE and node.owner is not None and _head_split_shape(node):
+                    for e in node.out_edges:
+                        by_owner.setdefault((id(node.owner), e.shape[-1]), []).append(e)
+            self._head_reshapes = [edges for edges in by_owner.values() if len(edges) > 1]
+        return self._head_reshapes
+
     def _couple_head_sizes(
         self,
         edge_maps: dict[Edge, RootMap],
@@ -595,15 +692,8 @@ class DependencyGraph:
         offsets inside the heads are removed from one of them, remove them from all of them.
         An offset counts as removed when one root id covers it in every head (whole heads with
         their own ids are not offsets). Returns whether anything new was queued."""
-        if self._head_reshapes is None:
-            by_owner: dict[tuple[int, int], list[Edge]] = {}
-            for node in self.nodes:
-                if node.type == OpType.RESHAPE and node.owner is not None and _head_split_shape(node):
-                    for e in node.out_edges:
-                        by_owner.setdefault((id(node.owner), e.shape[-1]), []).append(e)
-            self._head_reshapes = [edges for edges in by_owner.values() if len(edges) > 1]
         queued = False
-        for edges in self._head_reshapes:
+        for edges in self._head_reshape_groups():
             if not any(e in edge_maps for e in edges):
                 continue
             cols: dict[int, int] = {}
@@ -914,6 +1004,16 @@ class DependencyGraph:
     def _ordered_module_nodes(self) -> list[Node]:
         nodes = [n for n in self.nodes if n.is_module]
         return sorted(nodes, key=lambda n: self._order.get(n.module, len(self._order)))
+
+
+def _block_pattern(name: str) -> str:
+    """A layer name with its block numbers blanked: ``layers.3.attn.q`` -> ``layers.#.attn.q``."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+
+def _param_dim(fn: Callable) -> int | None:
+    pruner = getattr(fn, "pruner", None)
+    return pruner.dim if isinstance(pruner, ParameterPruner) else None
 
 
 def _through(rule: Callable, node: Node, i: int, m: RootMap) -> list[tuple[str, int, RootMap]]:
