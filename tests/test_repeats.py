@@ -46,8 +46,8 @@ def _groups(model: nn.Module, x: Any, copies: bool, monkeypatch: pytest.MonkeyPa
     copied = []
     original = DependencyGraph._copy_group
 
-    def spy(self, template, root, ignored):
-        group = original(self, template, root, ignored) if copies else None
+    def spy(self, template, root, *args):
+        group = original(self, template, root, *args) if copies else None
         if group is not None:
             copied.append(root._name)
         return group

@@ -221,6 +221,7 @@ class DependencyGraph:
         # The last group found for each layer name up to block numbers (with its channel count,
         # head size and dimension): the next block's layer may be its copy (see repeats.py).
         templates: dict[tuple, Group] = {}
+        signatures: dict[Node, tuple] = {}
         for node in self._ordered_module_nodes():
             module = node.module
             if id(module) in ignored:
@@ -241,7 +242,7 @@ class DependencyGraph:
             head_dim = self._head_split(node, n)
             key = (_block_pattern(node.name), n, head_dim, root_dim)
             template = templates.get(key)
-            group = self._copy_group(template, node, ignored) if template is not None else None
+            group = self._copy_group(template, node, ignored, signatures) if template is not None else None
             if group is None:
                 try:
                     if head_dim:
@@ -271,16 +272,26 @@ class DependencyGraph:
             result.append(g)
         return result
 
-    def _copy_group(self, template: Group, root: Node, ignored: set[int]) -> Group | None:
+    def _copy_group(
+        self, template: Group, root: Node, ignored: set[int], signatures: dict[Node, tuple]
+    ) -> Group | None:
         """The full group of ``root`` as a copy of ``template`` (the same layer of another block),
-        or None unless everything the template's closure read has an identical counterpart."""
+        or None unless everything the template's closure read has an identical counterpart.
+        ``signatures`` caches :meth:`_signature` for this search."""
+
+        def signature(node: Node) -> tuple:
+            sig = signatures.get(node)
+            if sig is None:
+                sig = signatures[node] = self._signature(node, ignored)
+            return sig
+
         maps: dict[Edge, RootMap] = getattr(template, "_edge_maps", {})
         explored = {it.dep.target for it in template} | {it.dep.source for it in template}
         for e in maps:
             explored.add(e.src)
             explored.update(d for d, _ in e.dsts)
         match = repeats.correspondence(
-            explored, template.root.dep.target, root, lambda a, b: self._same_node(a, b, ignored)
+            explored, template.root.dep.target, root, lambda a, b: signature(a) == signature(b)
         )
         if match is None or not self._same_head_reshapes(explored, match):
             return None
@@ -303,31 +314,29 @@ class DependencyGraph:
         group.head_blocks = template.head_blocks
         return group
 
-    def _same_node(self, a: Node, b: Node, ignored: set[int]) -> bool:
-        """Whether a closure reads the same from ``a`` as from ``b``: op, recorded shapes and
-        arguments, and for layers their kind, sizes, parameters and ignored status."""
-        if a.type != b.type or a.pruning_dim != b.pruning_dim or not repeats.same_value(a.attrs, b.attrs):
-            return False
-        if not a.is_module:
-            return True
-        if (id(a.module) in ignored) != (id(b.module) in ignored):
-            return False
-        if a.type == OpType.PARAMETER:
-            return a.module.shape == b.module.shape and a.module.dtype == b.module.dtype
-        ma, mb = a.module, b.module
-        if type(ma) is not type(mb) or a.pruner is not b.pruner:
-            return False
-        if any(self._tied(n, sd) for n in (a, b) for sd in ("in", "out")):
-            return False
-        shapes_a = [(k, p.shape) for k, p in ma.named_parameters()]
-        shapes_b = [(k, p.shape) for k, p in mb.named_parameters()]
+    def _signature(self, node: Node, ignored: set[int]) -> tuple:
+        """Everything a closure reads from ``node`` itself, as a comparable value: op, recorded
+        shapes and arguments, and for layers their kind, sizes, parameters and ignored status.
+        (A layer with a tied parameter gets a unique signature: it is never copied.)"""
+        sig: tuple = (node.type, node.pruning_dim, repeats.freeze(node.attrs))
+        if not node.is_module:
+            return sig
+        module = node.module
+        if node.type == OpType.PARAMETER:
+            return (*sig, id(module) in ignored, tuple(module.shape), module.dtype)
+        if self._tied(node, "in") or self._tied(node, "out"):
+            return (*sig, id(node))
         return (
-            shapes_a == shapes_b
-            and self._channels(a, "out") == self._channels(b, "out")
-            and self._channels(a, "in") == self._channels(b, "in")
-            and self._coupled(a) == self._coupled(b)
-            and _depthwise_mult(a) == _depthwise_mult(b)
-            and getattr(ma, "data_format", None) == getattr(mb, "data_format", None)
+            *sig,
+            id(module) in ignored,
+            type(module),
+            id(node.pruner),
+            tuple((k, tuple(p.shape)) for k, p in module.named_parameters()),
+            self._channels(node, "out"),
+            self._channels(node, "in"),
+            self._coupled(node),
+            _depthwise_mult(node),
+            getattr(module, "data_format", None),
         )
 
     def _same_head_reshapes(self, explored: set[Node], match: repeats.Match) -> bool:
@@ -748,8 +757,12 @@ class DependencyGraph:
 
     def _update_shapes(self, group: Group) -> None:
         """After a prune, shrink the recorded tensor shapes so the graph stays usable."""
+        shapes: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}  # maps may share tensors
         for edge, m in getattr(group, "_edge_maps", {}).items():
-            new = _pruned_shape(edge.shape, m)
+            key = (id(m.t), edge.shape)
+            new = shapes.get(key)
+            if new is None:
+                new = shapes[key] = _pruned_shape(edge.shape, m)
             if new == edge.shape:
                 continue
             edge.shape = new
@@ -758,6 +771,18 @@ class DependencyGraph:
                 src.attrs["out_shapes"][edge.src_pos] = new
             for dst, pos in edge.dsts:
                 dst.attrs["in_shapes"][pos] = new
+
+    @staticmethod
+    def attribute_edges(edges: Iterable[Edge]) -> list[Edge]:
+        """The tensors among ``edges`` whose maps :meth:`_attribute_updates` reads (outputs of
+        reshapes run by a module, inputs of splits and slices): a subset of a group's channels
+        changes attributes through these only."""
+        return [
+            e
+            for e in edges
+            if (e.src.type == OpType.RESHAPE and e.src.owner is not None)
+            or any(d.type == OpType.SPLIT or d.attrs.get("op") == "Slice" for d, _ in e.dsts)
+        ]
 
     def _attribute_updates(self, edge_maps: dict[Edge, RootMap]) -> list[tuple[nn.Module, str, Any, Any]]:
         """Size attributes of the modules that run reshapes and splits, kept true after pruning:
@@ -1124,11 +1149,15 @@ def _head_split_shape(node: Node) -> bool:
 
 def _pruned_shape(shape: tuple[int, ...], m: RootMap) -> tuple[int, ...]:
     """Shape of a tensor after the elements marked in ``m`` are removed."""
+    t = m.t
+    dims = [d for d in range(t.dim()) if t.shape[d] == shape[d] and shape[d] > 1]
+    if not dims:
+        return tuple(shape)
     out = list(shape)
-    kept = m.t < 0
-    for d in range(m.ndim):
-        if m.t.shape[d] == shape[d] and shape[d] > 1:
-            out[d] = int(kept.movedim(d, 0).reshape(shape[d], -1).any(dim=1).sum())
+    kept = t < 0
+    for d in dims:
+        others = tuple(k for k in range(t.dim()) if k != d and t.shape[k] > 1)
+        out[d] = int((kept.any(dim=others) if others else kept).sum())
     return tuple(out)
 
 

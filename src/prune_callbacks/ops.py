@@ -8,6 +8,7 @@ module (``torch.cat``, ``view``, ``+``...) are classified by the name of their a
 from __future__ import annotations
 
 import enum
+import functools
 import re
 
 import torch.nn as nn
@@ -281,7 +282,12 @@ _SUFFIX = re.compile(r"(Backward\d*)$")
 
 def grad_fn_name(grad_fn: object) -> str:
     """``'ConvolutionBackward0'`` -> ``'Convolution'``."""
-    return _SUFFIX.sub("", type(grad_fn).__name__)
+    return _op_name(type(grad_fn))
+
+
+@functools.cache
+def _op_name(cls: type) -> str:
+    return _SUFFIX.sub("", cls.__name__)
 
 
 def grad_fn2type(grad_fn: object) -> OpType:

@@ -689,7 +689,8 @@ class Pruner:
     def _subset(self, group: Group, positions: list[int]) -> Group:
         """The subset group of ``group`` that removes root positions ``positions``, made by
         filtering the full group (no new graph search). Edge maps are only built when the group
-        changes split sizes (needed to check them)."""
+        changes attributes (split sizes, head counts: needed to check them), and only for the
+        tensors those are read from."""
         if not self.fast_subsets:
             root = group.root.dep
             try:
@@ -705,7 +706,12 @@ class Pruner:
         attrs: list = []
         if group.attribute_updates:
             lut = self._value_lut(group, positions)
-            for edge, m in (getattr(group, "_edge_maps", None) or {}).items():
+            edge_maps = getattr(group, "_edge_maps", None) or {}
+            edges = getattr(group, "_pc_attribute_edges", None)
+            if edges is None:
+                edges = group._pc_attribute_edges = self.DG.attribute_edges(edge_maps)
+            for edge in edges:
+                m = edge_maps[edge]
                 keep = lut[(m.t + 1).clamp(min=0, max=len(lut) - 1)]
                 if bool(keep.any()):
                     maps[edge] = RootMap(torch.where(keep, m.t, torch.full_like(m.t, im.KEPT)), m.explicit)
@@ -761,11 +767,20 @@ class Pruner:
                     mask = masks[id(m.t)] = lut[m.t + 1]
                 old = pruned.get(edge)
                 pruned[edge] = mask if old is None else (old | mask)
-        return {
-            edge: RootMap(mask.long() - 1, tuple(s > 1 for s in mask.shape))
-            for edge, mask in pruned.items()
-            if bool(mask.any())
-        }
+        # Edges of one group often share a mask tensor: convert each tensor once, so that the
+        # maps share it too (and per-map work such as new shapes can be done once).
+        converted: dict[int, RootMap | None] = {}
+        result = {}
+        for edge, mask in pruned.items():
+            key = id(mask)
+            if key not in converted:
+                converted[key] = (
+                    RootMap(mask.long() - 1, tuple(s > 1 for s in mask.shape)) if bool(mask.any()) else None
+                )
+            m = converted[key]
+            if m is not None:
+                result[edge] = m
+        return result
 
     def _execute(self, plan: list[tuple[Group, list[int]]]) -> None:
         if not plan:

@@ -85,20 +85,13 @@ def correspondence(
     return Match(nodes, edges)
 
 
-def same_value(a: Any, b: Any) -> bool:
-    """Equality of recorded op attributes (numbers, shapes, nested lists, index tensors)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, (list, tuple)):
-        return (
-            isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-        )
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_value(v, b[k]) for k, v in a.items())
-    return type(a) is type(b) and a == b
+def freeze(value: Any) -> Any:
+    """A hashable, comparable copy of recorded op attributes (numbers, shapes, nested lists and
+    dicts, index tensors)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), tuple(value.flatten().tolist()))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    return value

@@ -595,17 +595,21 @@ def _signed(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _saved_attrs(cls: type) -> list[tuple[str, str]]:
+    """(key, attribute) pairs of :data:`_SAVED` that an autograd node class has."""
+    return [(key, f"_saved_{key}") for key in _SAVED if hasattr(cls, f"_saved_{key}")]
+
+
 def _read_saved(node: Node) -> None:
     """Copy the autograd node's saved scalars (dims, sizes...) that index mapping needs."""
     fn = node.grad_fn
     node.attrs["op"] = grad_fn_name(fn)
-    for key in _SAVED:
-        attr = f"_saved_{key}"
-        if hasattr(fn, attr):
-            try:
-                node.attrs[key] = _signed(getattr(fn, attr))
-            except RuntimeError:
-                continue
+    for key, attr in _saved_attrs(type(fn)):
+        try:
+            node.attrs[key] = _signed(getattr(fn, attr))
+        except RuntimeError:
+            continue
     if grad_fn_name(fn) == "Index" and hasattr(fn, "_saved_indices"):
         try:
             node.attrs["indexed_dims"] = [i for i, ix in enumerate(fn._saved_indices) if ix is not None]
