@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune_callbacks import DependencyGraph, OpType
+from prune_callbacks import DependencyGraph, OpType, PruningError
 from prune_callbacks.pruner import Pruner
 
 tf = pytest.importorskip("transformers")
@@ -49,6 +49,10 @@ HF_MODELS = {
     ),
     "phi3": (
         _lm(tf.Phi3ForCausalLM, tf.Phi3Config, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0),
+        _tok,
+    ),
+    "phi3_gqa": (
+        _lm(tf.Phi3ForCausalLM, tf.Phi3Config, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
         _tok,
     ),
     "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)), _tok),
@@ -171,9 +175,6 @@ HF_MODELS = {
     ),
 }
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-# Phi-3 slices its fused qkv projection at offsets computed from the shared config: its heads are
-# a barrier (left whole, with a warning); hidden size and MLP are still pruned.
-HEADS_FIXED = ("phi3",)
 
 
 def _run(model: nn.Module, x):
@@ -203,7 +204,7 @@ def test_hf_model_pruned_by_half_still_runs(name):
     attention = [
         m for n, m in model.named_modules() if type(m).__name__.endswith(("Attention", "SelfAttention"))
     ]
-    if attention and name not in HEADS_FIXED:
+    if attention:
         # Every attention module reports its (reduced) head count.
         reported = [
             getattr(m, a) for m in attention for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)
@@ -480,6 +481,243 @@ def test_gqa_single_query_head_cannot_be_pruned_alone():
     assert attn.k_proj.out_features == head_dim and attn.v_proj.out_features == head_dim
     assert attn.num_heads == 2 and attn.num_key_value_heads == 1
     assert _run(model, x).logits.shape == (1, 8, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused projections cut at fixed offsets (Phi-3 style): slice partitions and shared configs
+# ---------------------------------------------------------------------------------------------
+
+
+class SharedConfig:
+    """Plain config object held by every layer, like a Hugging Face config."""
+
+    def __init__(self, num_attention_heads: int = 4, num_key_value_heads: int = 2, head_dim: int = 4) -> None:
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+
+
+class SlicedQKVAttention(nn.Module):
+    """Grouped-query attention whose fused q/k/v projection is cut at offsets computed from the
+    query head count of the shared config and the module's own key/value head count."""
+
+    def __init__(self, config: SharedConfig, dim: int = 16) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.num_key_value_heads = config.num_key_value_heads
+        width = (config.num_attention_heads + 2 * config.num_key_value_heads) * self.head_dim
+        self.qkv = nn.Linear(dim, width)
+        self.o = nn.Linear(config.num_attention_heads * self.head_dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, n, _ = h.shape
+        qkv = self.qkv(h)
+        q_end = self.config.num_attention_heads * self.head_dim
+        k_end = q_end + self.num_key_value_heads * self.head_dim
+        q = qkv[..., :q_end].view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = qkv[..., q_end:k_end].view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = qkv[..., k_end:].view(b, n, -1, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class SlicedQKVModel(nn.Module):
+    def __init__(self, layers: int = 1, dim: int = 16) -> None:
+        super().__init__()
+        self.config = SharedConfig()
+        self.embed = nn.Linear(6, dim)
+        self.layers = nn.ModuleList(SlicedQKVAttention(self.config, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h.mean(1))
+
+
+def _qkv_group(dg: DependencyGraph, layer: nn.Module):
+    return next(g for g in dg.get_all_groups() if g.root.dep.target.module is layer.qkv)
+
+
+def test_sliced_qkv_heads_masked_equivalence():
+    torch.manual_seed(0)
+    model = SlicedQKVModel()
+    x = torch.randn(2, 8, 6)
+    dg = DependencyGraph().build_dependency(model, x)
+    assert _qkv_group(dg, model.layers[0]).head_blocks == 2  # a key/value head with its query heads
+    _masked_check(model, x, _half)
+    attn = model.layers[0]
+    assert model.config.num_attention_heads == 2 and attn.num_key_value_heads == 1
+    assert attn.num_heads == 2  # reported by the module itself
+    assert attn.qkv.out_features == 4 * attn.head_dim
+    assert model(x).shape == (2, 3)
+
+
+def test_shared_config_heads_change_only_for_all_layers():
+    torch.manual_seed(0)
+    model = SlicedQKVModel(layers=2).eval()
+    x = torch.randn(2, 8, 6)
+    dg = DependencyGraph().build_dependency(model, x)
+    group = _qkv_group(dg, model.layers[0])
+    sub = dg.get_pruning_group(model.layers[0].qkv, group.root.dep.handler, _half(group))
+    reason = dg.explain_pruning_group(sub)
+    assert reason is not None and "config.num_attention_heads" in reason
+    assert "SlicedQKVAttention" in reason and "every SlicedQKVAttention" in reason
+    assert dg.explain_pruning_group(sub, check_shared=False) is None
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="config.num_attention_heads"):
+        sub.prune()
+    assert model.config.num_attention_heads == 4 and model.layers[0].num_key_value_heads == 2
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    # The Pruner prunes every layer's heads in one merged step, which may change the config.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Pruner(model, x, "random", pruning_ratio=0.0, prune_num_heads=True, head_pruning_ratio=0.5).step()
+    assert model.config.num_attention_heads == 2
+    assert [layer.num_key_value_heads for layer in model.layers] == [1, 1]
+    assert model(x).shape == (2, 3)
+
+
+def test_failed_prune_restores_the_shared_config():
+    class Frozen:
+        """An object whose attributes cannot be set (fails after the config was updated)."""
+
+        def __setattr__(self, name: str, value) -> None:
+            raise AttributeError("frozen")
+
+    torch.manual_seed(0)
+    model = SlicedQKVModel()
+    x = torch.randn(2, 8, 6)
+    dg = DependencyGraph().build_dependency(model, x)
+    group = _qkv_group(dg, model.layers[0])
+    sub = dg.get_pruning_group(model.layers[0].qkv, group.root.dep.handler, _half(group))
+    assert any(obj is model.config for obj, *_ in sub.attribute_updates)
+    sub.attribute_updates.append((Frozen(), "size", 1, 2))
+    with pytest.raises(PruningError, match="frozen"):
+        sub.prune()
+    assert model.config.num_attention_heads == 4 and model.layers[0].num_key_value_heads == 2
+    assert model.layers[0].qkv.out_features == 32 and model(x).shape == (2, 3)
+
+
+class LiteralSlices(nn.Module):
+    """A fused projection cut at literal offsets: nothing says how they change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.qkv = nn.Linear(16, 32)
+        self.o = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        y = self.qkv(h)
+        q, k, v = (t.reshape(b, n, -1, 4).transpose(1, 2) for t in (y[..., :16], y[..., 16:24], y[..., 24:]))
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.head((h + self.o(out.transpose(1, 2).reshape(b, n, -1))).mean(1))
+
+
+def test_literal_slice_offsets_are_refused_clearly():
+    torch.manual_seed(0)
+    model = LiteralSlices()
+    x = torch.randn(2, 8, 6)
+    dg = DependencyGraph().build_dependency(model, x)
+    group = next(g for g in dg.get_all_groups() if g.root.dep.target.module is model.qkv)
+    sub = dg.get_pruning_group(model.qkv, group.root.dep.handler, _half(group))
+    assert "slices at fixed offsets inside LiteralSlices" in dg.explain_pruning_group(sub)
+    with pytest.raises(ValueError, match="fixed offsets"):
+        sub.prune()
+    assert model.qkv.out_features == 32 and model(x).shape == (2, 3)
+
+
+class UntiledSlices(nn.Module):
+    """Slices of a fused projection that do not cut it into pieces: overlapping bounds, or
+    pieces taken with a step."""
+
+    def __init__(self, strided: bool) -> None:
+        super().__init__()
+        self.strided = strided
+        self.embed = nn.Linear(6, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.o = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        y = self.qkv(h)
+        if self.strided:
+            parts = (y[..., 0:32:2], y[..., 1:32:2], y[..., 32:])
+        else:
+            parts = (y[..., :16], y[..., 16:32], y[..., 16:32])
+        q, k, v = (t.reshape(b, n, 4, 4).transpose(1, 2) for t in parts)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.head((h + self.o(out.transpose(1, 2).reshape(b, n, -1))).mean(1))
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["overlapping", "strided"])
+def test_slices_that_do_not_tile_stay_a_barrier(strided: bool):
+    torch.manual_seed(0)
+    model = UntiledSlices(strided)
+    dg = DependencyGraph().build_dependency(model, torch.randn(2, 8, 6))
+    with pytest.warns(UserWarning, match=r"qkv.*slicing a channel dimension with fixed bounds"):
+        groups = dg.get_all_groups()
+    assert all(g.root.dep.target.module is not model.qkv for g in groups)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_phi3_heads_masked_equivalence(kv_heads: int):
+    # One layer: its config is held by one attention module, so one group may change it.
+    torch.manual_seed(0)
+    cfg = tf.Phi3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        pad_token_id=0,
+    )
+    model = tf.Phi3ForCausalLM(cfg).eval()
+    x = _tok()
+    dg = DependencyGraph().build_dependency(model, x)
+    attn = model.model.layers[0].self_attn
+    group = next(g for g in dg.get_all_groups() if g.root.dep.target.module is attn.qkv_proj)
+    sub = dg.get_pruning_group(attn.qkv_proj, group.root.dep.handler, _half(group))
+    masked = copy.deepcopy(model)
+    _zero_group(masked, model, sub)
+    sub.prune()
+    torch.testing.assert_close(_run(model, x).logits, _run(masked, x).logits, atol=1e-5, rtol=1e-5)
+    assert (model.config.num_attention_heads, attn.num_heads, attn.num_key_value_heads) == (
+        2,
+        2,
+        kv_heads // 2,
+    )
+
+
+def test_phi3_gqa_heads_pruned_and_reloaded(tmp_path):
+    from prune_callbacks.history import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    build, inputs = HF_MODELS["phi3_gqa"]
+    model = build().eval()
+    fresh = copy.deepcopy(model)
+    x = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Pruner(model, x, "random", pruning_ratio=0.0, prune_num_heads=True, head_pruning_ratio=0.5).step()
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        assert (attn.num_heads, attn.num_key_value_heads, attn.num_key_value_groups) == (2, 1, 2)
+        assert attn.qkv_proj.out_features == 4 * attn.head_dim
+    save_pruned(model, tmp_path / "phi3.pt")
+    load_pruned(fresh, tmp_path / "phi3.pt")
+    assert fresh.config.num_attention_heads == 2 and fresh.model.layers[1].self_attn.num_key_value_heads == 1
+    torch.testing.assert_close(_run(fresh, x).logits, _run(model, x).logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,13 +161,15 @@ class Group:
 
 
 def snapshot(targets: Sequence[Any]) -> Callable[[], None]:
-    """Remember the tensors and plain attributes of modules/parameters; return a restore function.
+    """Remember the tensors and plain attributes of modules/parameters (and the attributes of
+    other objects, such as a config whose sizes a prune updates); return a restore function.
 
     Pruning only ever swaps tensors (it never writes into storage), so keeping references to
     the old tensors is enough to restore them bit for bit.
     """
     saved_params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
     saved_modules: list[tuple[nn.Module, dict, dict, dict]] = []
+    saved_objects: list[tuple[Any, dict]] = []
     seen: set[int] = set()
 
     def keep_param(p: nn.Parameter) -> None:
@@ -182,6 +184,10 @@ def snapshot(targets: Sequence[Any]) -> Callable[[], None]:
             keep_param(t)
             continue
         seen.add(id(t))
+        if not isinstance(t, nn.Module):
+            if hasattr(t, "__dict__"):
+                saved_objects.append((t, dict(vars(t))))
+            continue
         for sub in t.modules():
             plain = {k: v for k, v in vars(sub).items() if k not in ("_parameters", "_buffers", "_modules")}
             saved_modules.append((sub, plain, dict(sub._parameters), dict(sub._buffers)))
@@ -202,5 +208,9 @@ def snapshot(targets: Sequence[Any]) -> Callable[[], None]:
             sub._parameters.update(params)
             sub._buffers.clear()
             sub._buffers.update(buffers)
+        for obj, plain in saved_objects:
+            for k in [k for k in vars(obj) if k not in plain]:
+                delattr(obj, k)
+            vars(obj).update(plain)
 
     return restore

@@ -383,12 +383,16 @@ class DependencyGraph:
                     seen.add(id(dst))
                     if dst.type == OpType.RESHAPE and _head_split_shape(dst):
                         return dst.attrs["out_shapes"][0][-1]
-                    if dst.type in (
-                        OpType.ELEMENTWISE,
-                        OpType.SPLIT,
-                        OpType.RESHAPE,
-                        OpType.PERMUTE,
-                        OpType.MATMUL,
+                    if (
+                        dst.type
+                        in (
+                            OpType.ELEMENTWISE,
+                            OpType.SPLIT,
+                            OpType.RESHAPE,
+                            OpType.PERMUTE,
+                            OpType.MATMUL,
+                        )
+                        or dst.attrs.get("op") == "Slice"
                     ):
                         nxt.extend(dst.out_edges)
             frontier = nxt
@@ -428,9 +432,14 @@ class DependencyGraph:
         """Whether pruning ``group`` leaves a valid model (see :meth:`explain_pruning_group`)."""
         return self.explain_pruning_group(group) is None
 
-    def explain_pruning_group(self, group: Group) -> str | None:
+    def explain_pruning_group(self, group: Group, check_shared: bool = True) -> str | None:
         """Why ``group`` cannot be pruned (a layer left with no channels, grouped convolutions or
-        GroupNorm losing divisibility, uneven chunks), or None when it can."""
+        GroupNorm losing divisibility, uneven chunks, slice bounds or shared config values that
+        would go wrong), or None when it can.
+
+        ``check_shared=False`` skips one test: that an attribute of an object shared by several
+        modules (a config) is changed for all of them. The Pruner checks each layer's part of a
+        step with it off and the merged prune of the whole step with it on."""
         for item in group:
             node, fn = item.dep.target, item.dep.handler
             side = _side_of(fn)
@@ -457,7 +466,7 @@ class DependencyGraph:
                 return (
                     f"{node.name}: embed dim {n - len(idxs)} is not divisible by num_heads={module.num_heads}"
                 )
-        for module, attr, _old, new in group.attribute_updates:
+        for module, attr, old, new in group.attribute_updates:
             if attr == "<literal split>":
                 return (
                     f"a split into chunks of a fixed size inside {type(module).__name__} would get sizes "
@@ -467,6 +476,42 @@ class DependencyGraph:
                 return (
                     f"a split into equal chunks inside {type(module).__name__} would get unequal sizes "
                     f"{new}; prune the same number of channels in every chunk"
+                )
+            if attr == "<literal slice>":
+                return (
+                    f"slices at fixed offsets inside {type(module).__name__} would get sizes {list(new)} "
+                    f"(now {list(old)}), and no head-count or size attribute of the module or its config "
+                    "gives their bounds; compute the offsets from such attributes (e.g. "
+                    "num_heads * head_dim) or keep these channels"
+                )
+        return _conflicting_update(group.attribute_updates) or (
+            self._partial_shared_update(group.attribute_updates) if check_shared else None
+        )
+
+    def _partial_shared_update(self, updates: list[tuple[Any, str, Any, Any]]) -> str | None:
+        """Why updating a shared object (a config held by every layer) with ``updates`` would break
+        a layer: every module of the same class that holds the object must be in the group."""
+        for obj, attr, old, new in updates:
+            if isinstance(obj, nn.Module) or attr.startswith("<"):
+                continue
+            path = f"{SHARED_HOLDER_ATTR}.{attr}"
+            holders = [h for h, a, p, _n in updates if a == "<shared>" and p == path]
+            holders = [h for h in holders if getattr(h, SHARED_HOLDER_ATTR, None) is obj]
+            types = tuple({type(h) for h in holders})
+            reported = {id(h) for h in holders}
+            expected = [
+                m
+                for m in self.model.modules()
+                if type(m) in types and getattr(m, SHARED_HOLDER_ATTR, None) is obj
+            ]
+            missing = [m for m in expected if id(m) not in reported]
+            if missing:
+                cls = types[0].__name__
+                return (
+                    f"{path} ({old} -> {new}) is shared by {len(expected)} {cls} modules but this prune "
+                    f"changes the heads of only {len(expected) - len(missing)} of them, which would break "
+                    f"the others (e.g. {self._names.get(missing[0], cls)}); prune the heads of every {cls} "
+                    "equally in one step (e.g. with the Pruner) or disable head pruning"
                 )
         return None
 
@@ -520,11 +565,21 @@ class DependencyGraph:
                 for it in group
             ],
             "attributes": [
-                {"module": self._names.get(m, ""), "attr": a, "new": list(n) if isinstance(n, tuple) else n}
+                {"module": self._object_name(m), "attr": a, "new": list(n) if isinstance(n, tuple) else n}
                 for m, a, _o, n in group.attribute_updates
                 if not a.startswith("<")
             ],
         }
+
+    def _object_name(self, obj: Any) -> str:
+        """Name of a module, or ``<module name>.config`` for a config object a module holds."""
+        name = self._names.get(obj) if isinstance(obj, (nn.Module, torch.Tensor)) else None
+        if name is not None:
+            return name
+        for m, n in self._names.items():
+            if isinstance(m, nn.Module) and getattr(m, SHARED_HOLDER_ATTR, None) is obj:
+                return f"{n}.{SHARED_HOLDER_ATTR}" if n else SHARED_HOLDER_ATTR
+        return ""
 
     # ------------------------------------------------------------------ closure (BFS)
     def _closure(
@@ -819,6 +874,52 @@ class DependencyGraph:
                         updates.extend(followed)
                     else:
                         updates.append((dst.owner, "<literal split>", tuple(old), tuple(new)))
+        updates.extend(self._slice_attribute_updates(edge_maps, updates))
+        return updates
+
+    def _slice_attribute_updates(
+        self, edge_maps: dict[Edge, RootMap], known: list[tuple[Any, str, Any, Any]]
+    ) -> list[tuple[Any, str, Any, Any]]:
+        """Attributes that the bounds of a slice partition (a fused tensor cut at fixed offsets,
+        e.g. ``qkv[..., :n_q * d]``) are computed from, updated to the new piece sizes; a piece
+        whose new size no attribute explains gives a ``<literal slice>`` refusal."""
+        updates: list[tuple[Any, str, Any, Any]] = []
+        done: set[int] = set()
+        for edge, m in edge_maps.items():
+            for dst, _pos in edge.dsts:
+                if dst.attrs.get("op") != "Slice" or id(dst) in done:
+                    continue
+                dim = dst.attrs.get("dim", 0) % len(edge.shape)
+                if im.constant_along(m, dim):
+                    continue  # the same at every offset: no slice partition is used
+                pieces = propagation.slice_partition(dst, dim)
+                if pieces is None:
+                    continue
+                done.update(id(p) for p in pieces)
+                kept = (m.t < 0).movedim(dim, 0).reshape(m.t.shape[dim], -1).any(dim=1)
+                old, new, off = [], [], 0
+                for p in pieces:
+                    size = p.attrs["out_shapes"][0][dim]
+                    old.append(size)
+                    new.append(int(kept[off : off + size].sum()))
+                    off += size
+                for k, p in enumerate(pieces):
+                    if old[k] == new[k] or p.owner is None:
+                        continue
+                    if k == len(pieces) - 1 and p.attrs["end"] >= edge.shape[dim]:
+                        continue  # open end (or one past the whole tensor): follows by itself
+                    found = _size_attributes(p.owner, old[k], new[k], known + updates)
+                    if found is None:
+                        updates.append((p.owner, "<literal slice>", tuple(old), tuple(new)))
+                        break
+                    for obj, attr, value, value_new in found:
+                        if not _has_update(known + updates, obj, attr, value_new):
+                            updates.append((obj, attr, value, value_new))
+                        path = f"{SHARED_HOLDER_ATTR}.{attr}"
+                        if obj is not p.owner and not _has_update(
+                            updates, p.owner, "<shared>", value_new, path
+                        ):
+                            updates.append((p.owner, "<shared>", path, value_new))
         return updates
 
     def _reshape_attribute_updates(
@@ -850,12 +951,12 @@ class DependencyGraph:
                     if getattr(node.owner, attr, None) == old[d] and (id(node.owner), attr) not in done:
                         done.add((id(node.owner), attr))
                         updates.append((node.owner, attr, old[d], new[d]))
-        # Attention modules that read their head count from elsewhere (a shared config) still
-        # report their own new head counts.
+        # Attention modules that read their (query) head count from elsewhere (a shared config)
+        # still report their own new head counts.
         for owner, counts in heads.items():
-            if not any(hasattr(owner, a) for a in HEADS_ATTRS):
+            if not any(hasattr(owner, a) for a in HEADS_ATTRS if a not in KV_HEADS_ATTRS):
                 updates.append((owner, "num_heads", None, max(counts)))
-                if len(counts) > 1:
+                if len(counts) > 1 and not any(hasattr(owner, a) for a in KV_HEADS_ATTRS):
                     updates.append((owner, "num_key_value_heads", None, min(counts)))
         return updates
 
@@ -1094,6 +1195,7 @@ HEADS_ATTRS = (
     "heads",
     "num_attn_heads",
 )
+KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "dim_head", "d_k", "kv_head_dim")
 SIZE_ATTRS = (
     "all_head_size",
@@ -1108,6 +1210,73 @@ SIZE_ATTRS = (
     "q_dim",
     "proj_size",
 )
+
+
+#: Attribute through which modules hold a shared object whose sizes a prune may update.
+SHARED_HOLDER_ATTR = "config"
+
+
+def _size_objects(owner: nn.Module) -> list[Any]:
+    """The module and the plain object it holds as ``config`` (sizes are read from either)."""
+    shared = getattr(owner, SHARED_HOLDER_ATTR, None)
+    if shared is None or isinstance(shared, (nn.Module, torch.Tensor)):
+        return [owner]
+    return [owner, shared]
+
+
+def _int_attr(obj: Any, attr: str) -> int | None:
+    value = getattr(obj, attr, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _has_update(updates: list, obj: Any, attr: str, new: Any, old: Any = None) -> bool:
+    return any(u is obj and a == attr and n == new and (old is None or o == old) for u, a, o, n in updates)
+
+
+def _size_attributes(
+    owner: nn.Module, old: int, new: int, known: list[tuple[Any, str, Any, Any]]
+) -> list[tuple[Any, str, int, int]] | None:
+    """``(object, attribute, value, new value)`` explaining a slice size going from ``old`` to
+    ``new``: head counts ``v`` of the owner or its config with ``old = v * head size`` and
+    ``new = v' * head size`` (the head size after ``known`` updates), else sizes equal to ``old``.
+    Every attribute that fits is returned (with equal query and key/value head counts several
+    do); None when none does."""
+    objects = _size_objects(owner)
+    units: set[tuple[int, int]] = set()
+    for obj in objects:
+        for attr in HEAD_DIM_ATTRS:
+            u = _int_attr(obj, attr)
+            if u is not None:
+                changed = [n for o, a, _v, n in known if o is obj and a == attr and isinstance(n, int)]
+                units.add((u, changed[-1] if changed else u))
+    found = []
+    for obj in objects:
+        for attr in HEADS_ATTRS:
+            v = _int_attr(obj, attr)
+            for u, u_new in units:
+                if v is not None and v * u == old and u_new > 0 and new % u_new == 0:
+                    found.append((obj, attr, v, new // u_new))
+                    break
+    if not found:
+        found = [
+            (obj, attr, old, new) for obj in objects for attr in SIZE_ATTRS if _int_attr(obj, attr) == old
+        ]
+    return found or None
+
+
+def _conflicting_update(updates: list[tuple[Any, str, Any, Any]]) -> str | None:
+    """Why ``updates`` cannot all be applied: one attribute would get two different values."""
+    values: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+    for obj, attr, _old, new in updates:
+        if attr.startswith("<"):
+            continue
+        seen = values.setdefault((id(obj), attr), (obj, attr, new))
+        if seen[2] != new:
+            return (
+                f"{type(obj).__name__}.{attr} would have to be both {seen[2]} and {new} "
+                "(parts of it are pruned differently); prune them equally"
+            )
+    return None
 
 
 def _param_dims(node: Node, side: Side) -> list[tuple[nn.Parameter, int]]:

@@ -107,10 +107,23 @@ def _resolve_function(name: str, table: Mapping[str, PruningFunction]) -> Prunin
 
 
 def _lookup(model: nn.Module, name: str, modules: dict, params: dict) -> Any:
+    """A module or parameter by name; ``<module>.config`` (an attribute path after a module
+    name) names a plain object the module holds, such as a config shared by its layers."""
     if name in modules:
         return modules[name]
     if name in params:
         return params[name]
+    prefix, path = name, []
+    while prefix and prefix not in modules:
+        prefix, _, last = prefix.rpartition(".")
+        path.insert(0, last)
+    obj: Any = modules.get(prefix, model)
+    for attr in path:
+        obj = getattr(obj, attr, None)
+        if obj is None or isinstance(obj, (nn.Module, torch.Tensor)):
+            break
+    else:
+        return obj
     raise KeyError(f"the model has no module or parameter named {name!r}")
 
 
@@ -131,7 +144,8 @@ def apply_pruning_history(
     table = _function_table(customized_pruners)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    restore = snapshot([model])
+    restores = [snapshot([model])]
+    held: set[int] = set()
     try:
         for r, record in enumerate(history):
             steps = []
@@ -152,12 +166,16 @@ def apply_pruning_history(
                         raise ValueError(f"pruning history record {r}: {where} failed: {e}") from e
             for attr in record.get("attributes", []):
                 module = _lookup(model, attr["module"], modules, params)
+                if not isinstance(module, nn.Module) and id(module) not in held:
+                    held.add(id(module))  # a shared config: restored on failure too
+                    restores.append(snapshot([module]))
                 new = attr["new"]
                 if isinstance(getattr(module, attr["attr"], None), tuple) and isinstance(new, list):
                     new = tuple(new)
                 setattr(module, attr["attr"], new)
     except Exception:
-        restore()
+        for restore in restores:
+            restore()
         raise
     get_pruning_history(model, create=True).extend(copy.deepcopy([dict(h) for h in history]))
     return model

@@ -95,7 +95,14 @@ def joining_roots(union: RootUnion) -> Iterator[RootUnion]:
         _UNION.reset(token)
 
 
-def _join(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> None:
+def joining() -> bool:
+    """Whether root ids found on one element are joined here (a full-index closure) rather than
+    a conflict (a subset closure, with one id)."""
+    return _UNION.get() is not None
+
+
+def join_ids(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> None:
+    """Join the root ids ``a[where]`` and ``b[where]`` (elementwise) when ids are being joined."""
     union = _UNION.get()
     if union is not None and bool(where.any()):
         union.add(a[where], b[where])
@@ -130,7 +137,7 @@ def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     if not bool(diff.any()):
         return old, False
     if _UNION.get() is not None:
-        _join(a, b, diff & (a >= 0) & (b >= 0))
+        join_ids(a, b, diff & (a >= 0) & (b >= 0))
     added = (a < 0) & (b >= 0)
     if not bool(added.any()):
         return old, False
@@ -311,7 +318,7 @@ def product_closure(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     if bool(cols.any()):
         fill = torch.where(partial, x, torch.full_like(x, KEPT)).amax(-2, keepdim=True)
         # Every root on a column that some root only partly covers goes with that column.
-        _join(fill.expand_as(x), x, cols & mask & (x != fill))
+        join_ids(fill.expand_as(x), x, cols & mask & (x != fill))
         x = torch.where(cols & ~mask, fill.expand_as(x), x)
     x = x.reshape(shape).movedim(list(range(t.dim() - k, t.dim())), dims)
     return product_closure(x, dims[1:])

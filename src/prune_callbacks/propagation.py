@@ -162,7 +162,8 @@ def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
     if t == OpType.PERMUTE:
         return [(0, im.permute(m, _perm(node, len(in_shape))))]
     if t == OpType.SLICE:
-        return [(0, _slice_forward(node, op, m, in_shape, outs[0]))]
+        r = _slice_forward(node, op, m, in_shape, outs[0])
+        return [(0, r)] if r is not None else []
     if op == "Repeat":
         return [(0, _repeat(m, a["repeats"], in_shape, outs[0]))]
     raise Barrier(f"pruning through {op} ({t.name.lower()}) is not supported")
@@ -239,12 +240,19 @@ def backward(node: Node, nr: int, m: RootMap) -> list[tuple[int, RootMap]]:
     raise Barrier(f"pruning through {op} ({t.name.lower()}) is not supported")
 
 
-def _slice_forward(node: Node, op: str, m: RootMap, in_shape: tuple, out_shape: tuple) -> RootMap:
+def _slice_forward(node: Node, op: str, m: RootMap, in_shape: tuple, out_shape: tuple) -> RootMap | None:
+    """Map on a slice's output; None when a piece of a slice partition keeps all its channels."""
     a = node.attrs
     ndim = len(in_shape)
     if op in ("Slice", "Narrow"):
         dim = _norm(a["dim"], ndim)
-        return im.collapse(m, [dim], "slicing a channel dimension with fixed bounds")
+        if im.constant_along(m, dim):
+            return im.collapse(m, [dim], "slicing a channel dimension with fixed bounds")
+        piece = _partition_piece(node, dim)
+        if piece is None:
+            raise Barrier("slicing a channel dimension with fixed bounds")
+        r = im.narrow(m, dim, *piece)
+        return r if bool((r.t >= 0).any()) else None
     if op == "Select":
         dim = _norm(a["dim"], ndim)
         return im.drop_dim(m, dim)
@@ -257,10 +265,58 @@ def _slice_backward(node: Node, op: str, m: RootMap, in_shape: tuple, out_shape:
     a = node.attrs
     ndim = len(in_shape)
     if op in ("Slice", "Narrow", "Gather"):
-        return im.collapse(m, [_norm(a["dim"], ndim)], "slicing a channel dimension with fixed bounds")
+        dim = _norm(a["dim"], ndim)
+        piece = _partition_piece(node, dim) if op == "Slice" and not im.constant_along(m, dim) else None
+        if piece is not None:
+            return im.embed(m, dim, piece[0], in_shape[dim])
+        return im.collapse(m, [dim], "slicing a channel dimension with fixed bounds")
     if op == "Select":
         return im.unsqueeze(m, _norm(a["dim"], ndim))
     return _index(node, m, out_shape, in_shape)
+
+
+def slice_partition(node: Node, dim: int) -> list[Node] | None:
+    """The ``Slice`` nodes that read the same tensor as ``node`` along ``dim``, in order, when
+    they tile it exactly (step 1, contiguous, every channel in exactly one piece): such pieces
+    are a split written with fixed offsets. None when they do not."""
+    edge = node.in_edges[0] if node.in_edges else None
+    if edge is None:
+        return None
+    pieces = []
+    for dst, pos in edge.dsts:
+        if dst.type != OpType.SLICE or dst.attrs.get("op") != "Slice" or pos != 0:
+            continue
+        if _norm(dst.attrs.get("dim", 0), len(edge.shape)) != dim:
+            continue
+        start, end, step = (dst.attrs.get(k) for k in ("start", "end", "step"))
+        if step != 1 or not isinstance(start, int) or not isinstance(end, int) or start < 0 or end < 0:
+            return None
+        pieces.append(dst)
+    pieces.sort(key=lambda p: p.attrs["start"])
+    # Bounds were recorded on the traced shapes; sizes follow later prunes, so the offsets
+    # checked are the recorded ones and the current sizes must still add up.
+    if not pieces or pieces[0].attrs["start"] != 0:
+        return None
+    for a, b in itertools.pairwise(pieces):
+        if a.attrs["end"] != b.attrs["start"]:
+            return None
+    if sum(p.attrs["out_shapes"][0][dim] for p in pieces) != edge.shape[dim]:
+        return None
+    return pieces
+
+
+def _partition_piece(node: Node, dim: int) -> tuple[int, int] | None:
+    """(offset, length) of ``node``'s piece in its slice partition along ``dim`` (current sizes)."""
+    pieces = slice_partition(node, dim)
+    if pieces is None:
+        return None
+    off = 0
+    for p in pieces:
+        size = p.attrs["out_shapes"][0][dim]
+        if p is node:
+            return off, size
+        off += size
+    return None
 
 
 def _index(node: Node, m: RootMap, src_shape: tuple, dst_shape: tuple) -> RootMap:
@@ -486,11 +542,17 @@ def _attention(node: Node, at: tuple[str, int], m: RootMap) -> list[tuple[str, i
             continue
         if rep > 1 and kind == "in" and i in (1, 2) and t.shape[-3] > 1:
             grouped = t.unflatten(-3, (t.shape[-3] // rep, rep))
-            if not bool((grouped == grouped.narrow(-3, 0, 1)).all()):
-                raise Barrier(
-                    "copies made by grouped-query attention (query heads sharing a key/value "
-                    "head) would be pruned differently; prune whole groups of copies"
-                )
+            first = grouped.narrow(-3, 0, 1).expand_as(grouped)
+            differ = grouped != first
+            if bool(differ.any()):
+                # A full-index closure joins the root ids of query heads that share a key/value
+                # head (they are one unit); a choice of channels that splits them is refused.
+                if not im.joining() or bool((differ & ((grouped < 0) | (first < 0))).any()):
+                    raise Barrier(
+                        "copies made by grouped-query attention (query heads sharing a key/value "
+                        "head) would be pruned differently; prune whole groups of copies"
+                    )
+                im.join_ids(first, grouped, differ)
             t = grouped.narrow(-3, 0, 1).squeeze(-3)
         r = _as_map(t, shape)
         if r is not None:

@@ -579,7 +579,12 @@ class Pruner:
                 continue
             positions = sorted(positions)
             sub = self._subset(group, positions)
-            reason = sub.reason if isinstance(sub, _Unprunable) else self.DG.explain_pruning_group(sub)
+            # A shared config changed for every layer is checked on the merged prune of the step.
+            reason = (
+                sub.reason
+                if isinstance(sub, _Unprunable)
+                else self.DG.explain_pruning_group(sub, check_shared=False)
+            )
             if reason is None:
                 return positions
             first_reason = first_reason or reason
