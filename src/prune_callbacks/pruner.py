@@ -749,7 +749,8 @@ class Pruner:
             idxs = lists[0] if len(lists) == 1 else sorted(set(chain.from_iterable(lists)))
             merged_items.append(GroupItem(it.dep, idxs, idxs))
         maps = self._merged_edge_maps(plan)
-        merged = Group(merged_items, self.DG, self.DG._attribute_updates(maps))
+        attribute_maps = {e: maps[e] for e in self.DG.attribute_edges(maps)}
+        merged = Group(merged_items, self.DG, self.DG._attribute_updates(attribute_maps))
         merged._edge_maps = maps
         return merged
 

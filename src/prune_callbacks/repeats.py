@@ -91,6 +91,8 @@ def freeze(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype, tuple(value.shape), tuple(value.flatten().tolist()))
     if isinstance(value, (list, tuple)):
+        if all(type(v) is int for v in value):  # a shape: the common case
+            return tuple(value)
         return tuple(freeze(v) for v in value)
     if isinstance(value, dict):
         return tuple(sorted((k, freeze(v)) for k, v in value.items()))
