@@ -124,20 +124,21 @@ _BN_OPS = {
 class _ArgShapes(TorchFunctionMode):
     """Remembers, for the autograd node each torch function creates, the shapes of all its tensor
     arguments (autograd does not record constants: tensors that need no grad) and the innermost
-    module running at that moment (whose size attributes may describe the op)."""
+    module running at that moment (whose size attributes may describe the op). Attention runs as
+    one fused op where it can (see :func:`_fused_attention`)."""
 
-    def __init__(self, running: list[nn.Module], fuse_attention: bool = False) -> None:
+    def __init__(self, running: list[nn.Module]) -> None:
         super().__init__()
         self.running = running
-        self.fuse_attention = fuse_attention
         self.shapes: dict[Any, list[tuple[int, ...]]] = {}
         self.owners: dict[Any, nn.Module | None] = {}
         self.calls: dict[Any, str] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = None
-        if self.fuse_attention and func is _SDPA:
-            out = _fused_attention(*args, **(kwargs or {}))
+        if func is _SDPA:
+            with contextlib.suppress(TypeError):  # arguments this torch added: run it as called
+                out = _fused_attention(*args, **(kwargs or {}))
         if out is None:
             out = func(*args, **(kwargs or {}))
         results = out if isinstance(out, (tuple, list)) else (out,)
@@ -343,7 +344,7 @@ def _trace(
     out_fn_module: dict[Any, nn.Module] = {}
     module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
     running: list[nn.Module] = []  # modules whose forward is executing, innermost last
-    arg_shapes = _ArgShapes(running, fuse_attention=True)
+    arg_shapes = _ArgShapes(running)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         running.append(module)
