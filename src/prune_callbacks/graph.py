@@ -82,6 +82,7 @@ class DependencyGraph:
         self.pruning_history: list[dict[str, Any]] = []
         self._param_fns: dict[int, tuple[PruningFunction, PruningFunction]] = {}
         self._head_reshapes: list[list[Edge]] | None = None
+        self._head_reshape_of: dict[int, list[Edge]] = {}
         self._head_block_hints: dict[tuple[str, int, int], int] = {}
         self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
         self._customized: dict[type, LayerPruner] = {}
@@ -124,6 +125,7 @@ class DependencyGraph:
         self._names.update({p: n for n, p in model.named_parameters()})
         self._order = {m: i for i, m in enumerate(self._names)}
         self._head_reshapes: list[list[Edge]] | None = None
+        self._head_reshape_of: dict[int, list[Edge]] = {}
         self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
         with gc_paused():
             self._build_dependencies()
@@ -342,7 +344,8 @@ class DependencyGraph:
     def _same_head_reshapes(self, explored: set[Node], match: repeats.Match) -> bool:
         """Head-splitting reshapes are coupled per module (see :meth:`_couple_head_sizes`): the
         explored ones must have counterparts coupled in the same way."""
-        by_edge = {id(e): edges for edges in self._head_reshape_groups() for e in edges}
+        self._head_reshape_groups()
+        by_edge = self._head_reshape_of
         for node in explored:
             for e in node.out_edges if node.type == OpType.RESHAPE else ():
                 edges = by_edge.get(id(e))
@@ -742,6 +745,7 @@ class DependencyGraph:
                     for e in node.out_edges:
                         by_owner.setdefault((id(node.owner), e.shape[-1]), []).append(e)
             self._head_reshapes = [edges for edges in by_owner.values() if len(edges) > 1]
+            self._head_reshape_of = {id(e): edges for edges in self._head_reshapes for e in edges}
         return self._head_reshapes
 
     def _couple_head_sizes(
