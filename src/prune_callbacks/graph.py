@@ -287,6 +287,9 @@ class DependencyGraph:
                 sig = signatures[node] = self._signature(node, ignored)
             return sig
 
+        first = template.root.dep.target
+        if any(self._channels(first, sd) != self._channels(root, sd) for sd in ("in", "out")):
+            return None  # cheaper than the signatures (a different layer: DenseNet layers grow)
         maps: dict[Edge, RootMap] = getattr(template, "_edge_maps", {})
         explored = {it.dep.target for it in template} | {it.dep.source for it in template}
         for e in maps:
@@ -704,9 +707,12 @@ class DependencyGraph:
                     if got is not None:
                         at_module(dst, "in", *got, origin, edge)
                 else:
+                    # Going back through this op from an output it gave a map adds nothing then,
+                    # so that step is skipped (as for a module's own tensors).
+                    back = dst if propagation.round_trip_exact(dst, pos, m) else None
                     for kind, i, r in _through(propagation.from_input, dst, pos, m):
                         for e in _edges_at(dst, kind, i):
-                            visit(e, r, origin)
+                            visit(e, r, origin, back if kind == "out" else None)
 
     def _tied(self, node: Node, side: Side) -> list[tuple[Node, Side]]:
         """Module sides that prune the same parameter along the same dimension as ``(node, side)``
@@ -767,9 +773,9 @@ class DependencyGraph:
             cols: dict[int, int] = {}
             for e in edges:
                 m = edge_maps.get(e)
-                if m is None or m.t.shape[-1] == 1:
+                if m is None or m.shape[-1] == 1:
                     continue
-                t = m.t.reshape(-1, m.t.shape[-1]) if m.t.dim() > 1 else m.t[None]
+                t = m.t.reshape(-1, m.shape[-1]) if m.t.dim() > 1 else m.t[None]
                 if union is not None:
                     t = union.canonical(t)
                 in_all = ((t >= 0) & (t == t[:1])).all(0).nonzero().flatten().tolist()
@@ -852,9 +858,9 @@ class DependencyGraph:
                 if dst.type != OpType.SPLIT or dst.owner is None or dst.attrs.get("op") == "Unbind":
                     continue
                 dim = dst.attrs.get("dim", 0) % len(edge.shape)
-                if m.t.shape[dim] == 1:
+                if m.shape[dim] == 1:
                     continue
-                pruned = (m.t >= 0).movedim(dim, 0).reshape(m.t.shape[dim], -1).any(dim=1)
+                pruned = (m.t >= 0).movedim(dim, 0).reshape(m.shape[dim], -1).any(dim=1)
                 old = [s[dim] for s in dst.attrs["out_shapes"]]
                 new, off = [], 0
                 for size in old:
@@ -900,7 +906,7 @@ class DependencyGraph:
                 if pieces is None:
                     continue
                 done.update(id(p) for p in pieces)
-                kept = (m.t < 0).movedim(dim, 0).reshape(m.t.shape[dim], -1).any(dim=1)
+                kept = (m.t < 0).movedim(dim, 0).reshape(m.shape[dim], -1).any(dim=1)
                 old, new, off = [], [], 0
                 for p in pieces:
                     size = p.attrs["out_shapes"][0][dim]
@@ -1013,8 +1019,7 @@ class DependencyGraph:
         nd = len(shape)
         t = node.type
         if t in (OpType.CONV, OpType.DEPTHWISE_CONV):
-            k = node.module.weight.dim() - 2
-            return 1 if nd == k + 2 else 0
+            return 1 if nd == len(node.module.kernel_size) + 2 else 0
         if t in (OpType.BN, OpType.GN, OpType.IN, OpType.PRELU):
             return 1 if nd >= 2 else 0
         if t == OpType.PARAMETER:
@@ -1075,7 +1080,7 @@ class DependencyGraph:
         """Channels of a module implied by a map on one of its tensors."""
         if node.type == OpType.PARAMETER and node.pruning_dim is None and node not in param_dims:
             sq = im.squeeze_constant(m)
-            dims = [d for d in range(sq.ndim) if sq.t.shape[d] != 1]
+            dims = [d for d in range(sq.ndim) if sq.shape[d] != 1]
             if len(dims) != 1:
                 raise Barrier(f"cannot tell which dimension of {node.name} holds the channels")
             param_dims[node] = dims[0]
@@ -1322,6 +1327,13 @@ def _head_split_shape(node: Node) -> bool:
 
 def _pruned_shape(shape: tuple[int, ...], m: RootMap) -> tuple[int, ...]:
     """Shape of a tensor after the elements marked in ``m`` are removed."""
+    if m.runs is not None:
+        d = m.dim
+        if m.shape[d] != shape[d] or shape[d] <= 1:
+            return tuple(shape)
+        out = list(shape)
+        out[d] -= sum(e - s for s, e, _b, _st in m.runs)
+        return tuple(out)
     t = m.t
     dims = [d for d in range(t.dim()) if t.shape[d] == shape[d] and shape[d] > 1]
     if not dims:

@@ -10,11 +10,12 @@ is exact by construction; what cannot be expressed per channel raises :class:`Ba
 
 from __future__ import annotations
 
+import itertools
 import math
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 
@@ -25,19 +26,125 @@ class Barrier(Exception):
     """A channel mapping that cannot be proven correct: the coupled layers are left unprunable."""
 
 
-@dataclass
-class RootMap:
-    """Root-channel ids of one tensor's pruned elements (see module docstring)."""
+Run = tuple[int, int, int, int]
 
-    t: torch.Tensor
-    explicit: tuple[bool, ...]
+
+class RootMap:
+    """Root-channel ids of one tensor's pruned elements (see module docstring).
+
+    The ids live in ``t``, or, for the common map that varies along one dimension only, in
+    ``runs``: sorted, disjoint ``(start, stop, base, step)`` spans of that dimension ``dim``
+    where position ``p`` holds root ``base + step * (p - start)`` (step 0 or 1), every other
+    position ``KEPT``. Channel sets move through concats, splits and layers as a few integers
+    that way; ``t`` is built from the runs only when an op needs the tensor.
+    """
+
+    __slots__ = ("_t", "explicit", "shape", "runs", "dim")
+
+    def __init__(self, t: torch.Tensor, explicit: tuple[bool, ...]) -> None:
+        self._t: torch.Tensor | None = t
+        self.explicit = explicit
+        self.shape: tuple[int, ...] = tuple(t.shape)
+        self.runs: list[Run] | None = None
+        self.dim = 0
+
+    @classmethod
+    def of_runs(cls, shape: Sequence[int], dim: int, runs: list[Run], explicit: tuple[bool, ...]) -> RootMap:
+        """A map of ``shape`` (size 1 except along ``dim``) holding ``runs`` along ``dim``."""
+        m = cls.__new__(cls)
+        m._t = None
+        m.explicit = explicit
+        m.shape = tuple(shape)
+        m.runs = runs
+        m.dim = dim
+        return m
+
+    @property
+    def t(self) -> torch.Tensor:
+        if self._t is None:
+            self._t = _materialize(self.shape, self.dim, self.runs or [])
+        return self._t
 
     @property
     def ndim(self) -> int:
-        return self.t.dim()
+        return len(self.shape)
 
     def any(self) -> bool:
+        if self.runs is not None:
+            return bool(self.runs)
         return bool((self.t >= 0).any())
+
+    def __repr__(self) -> str:
+        body = f"runs={self.runs}, dim={self.dim}" if self.runs is not None else f"t={self._t}"
+        return f"RootMap({body}, shape={self.shape}, explicit={self.explicit})"
+
+
+def _materialize(shape: tuple[int, ...], dim: int, runs: list[Run]) -> torch.Tensor:
+    size = shape[dim] if shape else 1
+    if len(runs) == 1 and runs[0] == (0, size, 0, 1):
+        flat = torch.arange(size)
+    else:
+        flat = torch.full((size,), KEPT, dtype=torch.long)
+        for s, e, b, st in runs:
+            flat[s:e] = torch.arange(b, b + e - s) if st else b
+    return flat.view(shape)
+
+
+def _root_at(run: Run, p: int) -> int:
+    return run[2] + run[3] * (p - run[0])
+
+
+def _runs_of(idxs: list[int], roots: list[int]) -> list[Run] | None:
+    """Runs holding ``roots`` at ascending positions ``idxs``; None when they are not ascending
+    or need more than :data:`MAX_RUNS` runs (a tensor is cheaper then)."""
+    n = len(idxs)
+    if not n:
+        return []
+    a, r0 = idxs[0], roots[0]
+    if idxs[-1] - a == n - 1 and idxs == list(range(a, a + n)):
+        if roots == list(range(r0, r0 + n)):
+            return [(a, a + n, r0, 1)]
+        if roots.count(r0) == n:
+            return [(a, a + n, r0, 0)]
+    runs: list[Run] = []
+    s, b, st, prev, prev_r = a, r0, -1, a, r0
+    for p, r in zip(idxs[1:], roots[1:]):
+        if p == prev + 1 and (r - prev_r == st or (st == -1 and r - prev_r in (0, 1))):
+            st = r - prev_r
+        elif p > prev:
+            runs.append((s, prev + 1, b, max(st, 0)))
+            if len(runs) >= MAX_RUNS:
+                return None
+            s, b, st = p, r, -1
+        else:
+            return None
+        prev, prev_r = p, r
+    runs.append((s, prev + 1, b, max(st, 0)))
+    return runs
+
+
+def _coalesce(runs: list[Run]) -> list[Run]:
+    """Sorted disjoint runs with neighbours that continue each other joined."""
+    out: list[Run] = []
+    for run in sorted(runs):
+        if out and out[-1][1] == run[0]:
+            s, e, b, st = out[-1]
+            for step in (0, 1):
+                if (
+                    (e - s == 1 or st == step)
+                    and (run[1] - run[0] == 1 or run[3] == step)
+                    and b + step * (e - s) == run[2]
+                ):
+                    out[-1] = (s, run[1], b, step)
+                    break
+            else:
+                out.append(run)
+            continue
+        out.append(run)
+    return out
+
+
+MAX_RUNS = 16
 
 
 class RootUnion:
@@ -112,26 +219,44 @@ def channel_map(ndim: int, dim: int, size: int, idxs: Sequence[int], roots: Sequ
     """Map for a tensor whose channel dimension ``dim`` has ``size`` channels, ``idxs`` pruned."""
     dim = dim % ndim
     idxs, roots = list(idxs), list(roots)
-    if len(idxs) == size and idxs == roots and idxs == list(range(size)):
-        flat = torch.arange(size)
-    else:
-        flat = torch.full((size,), KEPT, dtype=torch.long)
-        ix = torch.tensor(idxs, dtype=torch.long)
-        flat[ix] = ix if idxs == roots else torch.tensor(roots, dtype=torch.long)
     shape = [1] * ndim
     shape[dim] = size
-    return RootMap(flat.view(shape), tuple(d == dim for d in range(ndim)))
+    explicit = tuple(d == dim for d in range(ndim))
+    runs = _runs_of(idxs, roots)
+    if runs is None and len(idxs) <= 4 * MAX_RUNS:
+        pairs = sorted(zip(idxs, roots))
+        runs = _runs_of([i for i, _ in pairs], [r for _, r in pairs])
+    if runs is not None and (not runs or (runs[0][0] >= 0 and runs[-1][1] <= size)):
+        return RootMap.of_runs(shape, dim, runs, explicit)
+    flat = torch.full((size,), KEPT, dtype=torch.long)
+    ix = torch.tensor(idxs, dtype=torch.long)
+    flat[ix] = ix if idxs == roots else torch.tensor(roots, dtype=torch.long)
+    return RootMap(flat.view(shape), explicit)
+
+
+def _same_layout(a: RootMap, b: RootMap) -> bool:
+    """Both maps are runs along the same dimension of the same shape."""
+    return (
+        a.runs is not None
+        and b.runs is not None
+        and a.shape == b.shape
+        and (a.dim == b.dim or a.shape[a.dim] == 1)
+    )
 
 
 def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     """Union of two maps of the same tensor; returns (merged, whether anything was added)."""
     if old is None:
         return new, True
+    if old is new or (old._t is not None and old._t is new._t):
+        return old, False
     explicit = tuple(a or b for a, b in zip(old.explicit, new.explicit))
-    if old.t.shape == new.t.shape:
+    if _same_layout(old, new):
+        return _merge_runs(old, new, explicit)
+    if old.shape == new.shape:
         a, b = old.t, new.t
     else:
-        shape = tuple(max(x, y) for x, y in zip(old.t.shape, new.t.shape))
+        shape = tuple(max(x, y) for x, y in zip(old.shape, new.shape))
         a, b = old.t.expand(shape), new.t.expand(shape)
     diff = a != b
     if not bool(diff.any()):
@@ -144,8 +269,62 @@ def merge(old: RootMap | None, new: RootMap) -> tuple[RootMap, bool]:
     return RootMap(torch.where(a >= 0, a, b).contiguous(), explicit), True
 
 
+def _merge_runs(old: RootMap, new: RootMap, explicit: tuple[bool, ...]) -> tuple[RootMap, bool]:
+    """:func:`merge` of two run maps: the positions only ``new`` covers are added, ids that
+    meet on a position are joined (in a full-index closure)."""
+    olds = old.runs or []
+    union = _UNION.get()
+    ends = [r[1] for r in olds]
+    added: list[Run] = []
+    for run in new.runs or []:
+        s, e = run[0], run[1]
+        cur = s
+        k = bisect_right(ends, s)
+        while cur < e and k < len(olds):
+            o = olds[k]
+            if o[0] >= e:
+                break
+            if o[0] > cur:
+                added.append((cur, o[0], _root_at(run, cur), run[3]))
+            lo, hi = max(cur, o[0]), min(e, o[1])
+            if union is not None and not (
+                _root_at(run, lo) == _root_at(o, lo) and (run[3] == o[3] or hi - lo == 1)
+            ):
+                for p in range(lo, hi):
+                    union.union(_root_at(o, p), _root_at(run, p))
+            cur = max(cur, o[1])
+            k += 1
+        if cur < e:
+            added.append((cur, e, _root_at(run, cur), run[3]))
+    if not added:
+        return old, False
+    return RootMap.of_runs(old.shape, old.dim, _coalesce(olds + added), explicit), True
+
+
+def _constant_runs(m: RootMap) -> bool:
+    """Whether a run map holds the same id (or none) at every position along its dimension."""
+    runs = m.runs or []
+    size = m.shape[m.dim]
+    return not runs or (len(runs) == 1 and runs[0][:2] == (0, size) and (runs[0][3] == 0 or size == 1))
+
+
+def _first_along(m: RootMap, d: int) -> RootMap:
+    """The map's first position along ``d``, broadcast along ``d``."""
+    explicit = m.explicit[:d] + (False,) + m.explicit[d + 1 :]
+    if m.runs is not None:
+        shape = m.shape[:d] + (1,) + m.shape[d + 1 :]
+        runs = [(0, 1, m.runs[0][2], 0)] if m.runs and m.runs[0][0] == 0 else []
+        return RootMap.of_runs(shape, m.dim, runs, explicit)
+    return RootMap(m.t.narrow(d, 0, 1), explicit)
+
+
 def squeeze_constant(m: RootMap, keep: Sequence[int] = ()) -> RootMap:
     """Collapse explicit dimensions along which the map does not vary (except ``keep``)."""
+    if m.runs is not None:
+        d = m.dim
+        if d in keep or m.shape[d] == 1 or not _constant_runs(m):
+            return m
+        return _first_along(m, d)
     t, explicit = m.t, list(m.explicit)
     for d in range(t.dim()):
         if d in keep or t.shape[d] == 1:
@@ -164,22 +343,22 @@ def constant_along(m: RootMap, dim: int) -> bool:
     independent choice, so a pattern is only fixed along ``dim`` if the same roots sit there.
     (Subset groups use a single root id, where this is the pruned/kept pattern.)
     """
-    if m.t.shape[dim] == 1:
+    if m.shape[dim] == 1:
         return True
+    if m.runs is not None:
+        return _constant_runs(m)
     return bool((m.t == m.t.narrow(dim, 0, 1)).all())
 
 
 def collapse(m: RootMap, dims: Sequence[int], why: str) -> RootMap:
     """Make the map broadcast along ``dims``; it must not vary along them."""
-    t, explicit = m.t, list(m.explicit)
     for d in dims:
-        if t.shape[d] == 1:
+        if m.shape[d] == 1:
             continue
-        if not bool((t == t.narrow(d, 0, 1)).all()):
+        if not constant_along(m, d):
             raise Barrier(why)
-        t = t.narrow(d, 0, 1)
-        explicit[d] = False
-    return RootMap(t, tuple(explicit))
+        m = _first_along(m, d)
+    return m
 
 
 def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
@@ -194,15 +373,30 @@ def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
         [d for d in range(m.ndim) if d != dim],
         f"the pruned channels vary along other dimensions than dimension {dim}",
     )
-    if m.t.shape[dim] == 1 and size != 1:
-        if bool((m.t >= 0).any()):
+    if m.shape[dim] == 1 and size != 1:
+        if m.any():
             raise Barrier(f"every channel of dimension {dim} would be pruned")
         return [], []
-    if m.t.shape[dim] != size:
-        raise Barrier(f"dimension {dim} has {m.t.shape[dim]} positions, the layer expects {size}")
+    if m.shape[dim] != size:
+        raise Barrier(f"dimension {dim} has {m.shape[dim]} positions, the layer expects {size}")
+    if m.runs is not None:
+        idxs: list[int] = []
+        roots: list[int] = []
+        for s, e, b, st in m.runs:
+            idxs.extend(range(s, e))
+            roots.extend(range(b, b + e - s) if st else [b] * (e - s))
+        return idxs, roots
     flat = m.t.reshape(-1)
-    idxs = torch.nonzero(flat >= 0).flatten()
-    return idxs.tolist(), flat[idxs].tolist()
+    idxs_t = torch.nonzero(flat >= 0).flatten()
+    return idxs_t.tolist(), flat[idxs_t].tolist()
+
+
+def pruned_spans(m: RootMap, dim: int) -> list[tuple[int, int]] | None:
+    """Intervals of positions along ``dim`` that hold pruned elements, when the map keeps them
+    as runs along ``dim`` (None otherwise: read the tensor)."""
+    if m.runs is None or m.dim != dim:
+        return None
+    return [(s, e) for s, e, _b, _st in m.runs]
 
 
 def _align(m: RootMap, ndim: int) -> RootMap:
@@ -211,10 +405,14 @@ def _align(m: RootMap, ndim: int) -> RootMap:
         return m
     if m.ndim < ndim:
         pad = ndim - m.ndim
-        return RootMap(m.t.reshape((1,) * pad + tuple(m.t.shape)), (False,) * pad + m.explicit)
+        if m.runs is not None:
+            return RootMap.of_runs((1,) * pad + m.shape, m.dim + pad, m.runs, (False,) * pad + m.explicit)
+        return RootMap(m.t.reshape((1,) * pad + m.shape), (False,) * pad + m.explicit)
     extra = m.ndim - ndim
     m = collapse(m, range(extra), "channels live on a dimension the result does not have")
-    return RootMap(m.t.reshape(m.t.shape[extra:]), m.explicit[extra:])
+    if m.runs is not None and m.dim >= extra:
+        return RootMap.of_runs(m.shape[extra:], m.dim - extra, m.runs, m.explicit[extra:])
+    return RootMap(m.t.reshape(m.shape[extra:]), m.explicit[extra:])
 
 
 def broadcast_to(m: RootMap, shape: Sequence[int]) -> RootMap | None:
@@ -224,13 +422,13 @@ def broadcast_to(m: RootMap, shape: Sequence[int]) -> RootMap | None:
     per-head bias broadcast over the batch while whole heads go), the operand is pruned with it."""
     m = _align(m, len(shape))
     for d, size in enumerate(shape):
-        msize = m.t.shape[d]
+        msize = m.shape[d]
         if msize == 1:
             continue
         if size == 1:
             if not constant_along(m, d):
                 return None
-            m = RootMap(m.t.narrow(d, 0, 1), m.explicit[:d] + (False,) + m.explicit[d + 1 :])
+            m = _first_along(m, d)
             continue
         if size != msize:
             raise Barrier(f"an elementwise op changes the size of channel dimension {d} ({msize} -> {size})")
@@ -271,20 +469,30 @@ def reshape(m: RootMap, in_shape: Sequence[int], out_shape: Sequence[int]) -> Ro
     if math.prod(in_shape) != math.prod(out_shape):
         raise Barrier("reshape changes the number of elements")
     m = squeeze_constant(m)
+    blocks = _blocks(in_shape, out_shape)
+    if m.runs is not None and m.shape[m.dim] != 1:
+        # Channels on one dimension that the view keeps whole (e.g. a flatten of 1x1 maps) just
+        # move to its new position.
+        for ga, gb in blocks:
+            if ga == [m.dim] and len(gb) == 1:
+                shape = [1] * len(out_shape)
+                shape[gb[0]] = out_shape[gb[0]]
+                explicit = tuple(d == gb[0] for d in range(len(out_shape)))
+                return RootMap.of_runs(shape, gb[0], m.runs, explicit)
     red_in = [1] * len(in_shape)
     red_out = [1] * len(out_shape)
     explicit = [False] * len(out_shape)
     splits: list[list[int]] = []
     merges: list[list[int]] = []
-    for ga, gb in _blocks(in_shape, out_shape):
-        if any(m.t.shape[d] != 1 for d in ga):
+    for ga, gb in blocks:
+        if any(m.shape[d] != 1 for d in ga):
             for d in ga:
                 red_in[d] = in_shape[d]
             for d in gb:
                 red_out[d] = out_shape[d]
                 explicit[d] = True
             (merges if len(ga) > 1 else splits).append(ga if len(ga) > 1 else gb)
-    for d, s in enumerate(m.t.shape):
+    for d, s in enumerate(m.shape):
         if s != 1 and red_in[d] == 1 and in_shape[d] != 1:
             raise Barrier("reshape lost a channel dimension")
     t = m.t.expand(red_in)
@@ -326,7 +534,10 @@ def product_closure(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 
 def permute(m: RootMap, dims: Sequence[int]) -> RootMap:
     """Map through ``permute(dims)``."""
-    return RootMap(m.t.permute(*dims), tuple(m.explicit[d] for d in dims))
+    explicit = tuple(m.explicit[d] for d in dims)
+    if m.runs is not None:
+        return RootMap.of_runs(tuple(m.shape[d] for d in dims), list(dims).index(m.dim), m.runs, explicit)
+    return RootMap(m.t.permute(*dims), explicit)
 
 
 def inverse_permutation(dims: Sequence[int]) -> list[int]:
@@ -340,7 +551,7 @@ def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim:
     """Map of ``torch.cat`` of operands with maps ``maps`` (None = nothing pruned there)."""
     ndim = len(shapes[0])
     present = [m for m in maps if m is not None]
-    if all(m.t.shape[dim] == 1 for m in present):
+    if all(m.shape[dim] == 1 for m in present):
         # Channels live on another dimension: every operand shares them.
         out = present[0]
         for m in present[1:]:
@@ -348,15 +559,24 @@ def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim:
         return out
     shape = [1] * ndim
     for m in present:
-        shape = [max(x, y) for x, y in zip(shape, m.t.shape)]
+        shape = [max(x, y) for x, y in zip(shape, m.shape)]
     explicit = tuple(any(m.explicit[d] for m in present) or d == dim for d in range(ndim))
+    starts = list(itertools.accumulate((s[dim] for s in shapes), initial=0))
+    shape[dim] = starts[-1]
+    if all(m.runs is not None and m.dim == dim for m in present):
+        # Channel runs along the concat dimension: shift each operand's runs to its place.
+        runs = [
+            (s + starts[i], e + starts[i], b, st)
+            for i, m in enumerate(maps)
+            if m is not None
+            for s, e, b, st in m.runs or []
+        ]
+        return RootMap.of_runs(shape, dim, _coalesce(runs), explicit)
     if len(present) == 1:
         # One operand carries channels (the common case): place it, no per-operand tensors.
         i = next(k for k, m in enumerate(maps) if m is not None)
-        start = sum(s[dim] for s in shapes[:i])
-        shape[dim] = sum(s[dim] for s in shapes)
         out = torch.full(shape, KEPT, dtype=torch.long)
-        region = out.narrow(dim, start, shapes[i][dim])
+        region = out.narrow(dim, starts[i], shapes[i][dim])
         region.copy_(present[0].t.expand(region.shape))
         return RootMap(out, explicit)
     parts = []
@@ -372,25 +592,40 @@ def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim:
 
 def narrow(m: RootMap, dim: int, start: int, length: int) -> RootMap:
     """Part of a map along ``dim`` (a split/concat operand); broadcast dims pass unchanged."""
-    if m.t.shape[dim] == 1:
+    if m.shape[dim] == 1:
         return m
+    if m.runs is not None:
+        end = start + length
+        runs = [
+            (max(s, start) - start, min(e, end) - start, _root_at((s, e, b, st), max(s, start)), st)
+            for s, e, b, st in m.runs
+            if s < end and e > start
+        ]
+        return RootMap.of_runs(m.shape[:dim] + (length,) + m.shape[dim + 1 :], dim, runs, m.explicit)
     return RootMap(m.t.narrow(dim, start, length), m.explicit)
 
 
 def embed(m: RootMap, dim: int, start: int, total: int) -> RootMap:
     """Place a map of one split output back into the map of the whole input."""
-    if m.t.shape[dim] == 1:
+    if m.shape[dim] == 1:
         return m
-    shape = list(m.t.shape)
+    shape = list(m.shape)
     shape[dim] = total
+    if m.runs is not None:
+        return RootMap.of_runs(
+            shape, dim, [(s + start, e + start, b, st) for s, e, b, st in m.runs], m.explicit
+        )
     t = torch.full(shape, KEPT, dtype=torch.long)
-    t.narrow(dim, start, m.t.shape[dim]).copy_(m.t)
+    t.narrow(dim, start, m.shape[dim]).copy_(m.t)
     return RootMap(t, m.explicit)
 
 
 def unsqueeze(m: RootMap, dim: int) -> RootMap:
     ex = list(m.explicit)
     ex.insert(dim, False)
+    if m.runs is not None:
+        shape = m.shape[:dim] + (1,) + m.shape[dim:]
+        return RootMap.of_runs(shape, m.dim + (dim <= m.dim), m.runs, tuple(ex))
     return RootMap(m.t.unsqueeze(dim), tuple(ex))
 
 
@@ -399,4 +634,7 @@ def drop_dim(m: RootMap, dim: int) -> RootMap:
     m = collapse(m, [dim], f"channels live on dimension {dim}, which the op removes")
     ex = list(m.explicit)
     del ex[dim]
+    if m.runs is not None and m.ndim > 1:
+        shape = m.shape[:dim] + m.shape[dim + 1 :]
+        return RootMap.of_runs(shape, m.dim - (dim < m.dim) if m.dim != dim else 0, m.runs, tuple(ex))
     return RootMap(m.t.squeeze(dim), tuple(ex))

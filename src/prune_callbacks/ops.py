@@ -47,9 +47,10 @@ class OpType(enum.IntEnum):
     @property
     def is_virtual(self) -> bool:
         """True for ops that own no parameters (found from autograd, not from a module)."""
-        return self >= OpType.CONCAT
+        return self >= _FIRST_VIRTUAL
 
 
+_FIRST_VIRTUAL = int(OpType.CONCAT)
 _NORM_LN = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c is not None)
 
 

@@ -46,16 +46,22 @@ def _check_constants(node: Node, m: RootMap) -> None:
     sq = im.squeeze_constant(m)
     for shape in consts:
         for k in range(1, min(len(shape), sq.ndim) + 1):
-            if shape[-k] > 1 and sq.t.shape[-k] > 1:
+            if shape[-k] > 1 and sq.shape[-k] > 1:
                 raise Barrier(f"a constant tensor of shape {list(shape)} spans the pruned channels")
 
 
 def _hit_regions(m: RootMap, dim: int, offsets: list[int]) -> list[int]:
     """Indices of the consecutive regions (bounded by ``offsets``) along ``dim`` that hold pruned
     elements; every region when the map is broadcast along ``dim``."""
-    if m.t.shape[dim] == 1:
+    if m.shape[dim] == 1:
         return list(range(len(offsets) - 1))
-    hit = (m.t >= 0).movedim(dim, 0).reshape(m.t.shape[dim], -1).any(dim=1).nonzero().flatten().tolist()
+    spans = im.pruned_spans(m, dim)
+    if spans is not None:
+        regions: set[int] = set()
+        for s, e in spans:
+            regions.update(range(bisect.bisect_right(offsets, s) - 1, bisect.bisect_right(offsets, e - 1)))
+        return sorted(regions)
+    hit = (m.t >= 0).movedim(dim, 0).reshape(m.shape[dim], -1).any(dim=1).nonzero().flatten().tolist()
     return sorted({bisect.bisect_right(offsets, h) - 1 for h in hit})
 
 
@@ -102,6 +108,22 @@ def from_output(node: Node, nr: int, m: RootMap) -> list[tuple[str, int, RootMap
     if node.type == OpType.ATTENTION:
         return _attention(node, ("out", nr), m)
     return [("in", i, r) for i, r in backward(node, nr, m)]
+
+
+def round_trip_exact(node: Node, pos: int, m: RootMap) -> bool:
+    """Whether mapping ``m`` from input ``pos`` to the outputs and back gives nothing beyond
+    ``m`` on input ``pos`` and nothing on the other inputs: a one-input elementwise op, a permute,
+    or a concat along the dimension that holds the channels (the map comes back to its own
+    region only). Not a view: closing heads may grow the map (see ``product_closure``)."""
+    t = node.type
+    if t == OpType.PERMUTE:
+        return True
+    op = node.attrs.get("op")
+    if t == OpType.ELEMENTWISE:
+        return op != "Repeat" and sum(e is not None for e in node.in_edges) == 1
+    if t == OpType.CONCAT and op != "Stack":
+        return m.shape[_norm(node.attrs["dim"], len(node.attrs["out_shapes"][0]))] != 1
+    return False
 
 
 def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
@@ -151,7 +173,7 @@ def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
         unbind = op == "Unbind"
         sizes = [1 if unbind else shape[dim] for shape in outs]
         offsets = list(itertools.accumulate(sizes, initial=0))
-        ks = _hit_regions(m, dim, offsets) if m.t.shape[dim] != 1 else range(len(outs))
+        ks = _hit_regions(m, dim, offsets) if m.shape[dim] != 1 else range(len(outs))
         res = []
         for k in ks:
             r = im.narrow(m, dim, offsets[k], sizes[k])
@@ -202,7 +224,7 @@ def backward(node: Node, nr: int, m: RootMap) -> list[tuple[int, RootMap]]:
         ndim = len(out_shape)
         if op == "Stack":
             dim = _norm(a["dim"], ndim)
-            if m.t.shape[dim] == 1:
+            if m.shape[dim] == 1:
                 r = im.drop_dim(m, dim)
                 return [(i, r) for i, s in enumerate(in_shapes) if s is not None]
             return [
@@ -211,7 +233,7 @@ def backward(node: Node, nr: int, m: RootMap) -> list[tuple[int, RootMap]]:
                 if s is not None
             ]
         dim = _norm(a["dim"], ndim)
-        if m.t.shape[dim] == 1:
+        if m.shape[dim] == 1:
             return [(i, m) for i, s in enumerate(in_shapes) if s is not None]
         sizes = _cat_sizes(node, dim)
         offsets = list(itertools.accumulate(sizes, initial=0))
@@ -348,7 +370,7 @@ def _index(node: Node, m: RootMap, src_shape: tuple, dst_shape: tuple) -> RootMa
 def _unexpand(m: RootMap, in_shape: tuple) -> RootMap | None:
     extra = m.ndim - len(in_shape)
     m = im.collapse(m, range(extra), "expand: channels on a dimension that the input does not have")
-    m = RootMap(m.t.reshape(m.t.shape[extra:]), m.explicit[extra:])
+    m = RootMap(m.t.reshape(m.shape[extra:]), m.explicit[extra:])
     expanded = [d for d, s in enumerate(in_shape) if s == 1]
     return im.collapse(
         m,
@@ -360,7 +382,7 @@ def _unexpand(m: RootMap, in_shape: tuple) -> RootMap | None:
 
 def _repeat(m: RootMap, repeats: tuple, in_shape: tuple, out_shape: tuple) -> RootMap:
     pad = len(out_shape) - m.ndim
-    t = m.t.reshape((1,) * pad + tuple(m.t.shape))
+    t = m.t.reshape((1,) * pad + tuple(m.shape))
     ex = (False,) * pad + m.explicit
     reps = [r if t.shape[d] != 1 else 1 for d, r in enumerate(repeats)]
     return RootMap(t.repeat(*reps), ex)
