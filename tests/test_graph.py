@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import prune_callbacks as pc
 from prune_callbacks import (
@@ -1643,3 +1645,36 @@ def test_bidirectional_lstm_maps_both_directions() -> None:
     dg = build(model, torch.randn(2, 7, 4))
     group = dg.get_pruning_group(model.lstm, pc.prune_lstm_out_channels, [1])
     assert items_by_name(group, model)[("gru", "in")] == [1, 7]  # forward and backward halves
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    k=st.integers(1, 3),
+    transposed=st.booleans(),
+    groups=st.sampled_from([1, 2]),
+    data=st.data(),
+)
+def test_meta_convolution_shapes_match_torch(k: int, transposed: bool, groups: int, data: Any) -> None:
+    """The trace answers convolutions on meta tensors with a shape formula: it must give torch's
+    shape, or step aside (None) where torch refuses or gives an empty result."""
+    from prune_callbacks.tracing import _conv_result
+
+    ints = lambda lo, hi: data.draw(st.lists(st.integers(lo, hi), min_size=k, max_size=k))  # noqa: E731
+    cin, cout = 2 * data.draw(st.integers(1, 3)), 2 * data.draw(st.integers(1, 3))
+    kernel, stride, padding, dilation = ints(1, 3), ints(1, 3), ints(0, 2), ints(1, 2)
+    out_pad = (
+        [data.draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
+        if transposed
+        else [0] * k
+    )
+    x = torch.randn(2, data.draw(st.sampled_from([cin, cin + 2])), *ints(2, 8))
+    w = torch.randn(cin, cout // groups, *kernel) if transposed else torch.randn(cout, cin // groups, *kernel)
+    bias = torch.randn(data.draw(st.sampled_from([cout, cout + 1])))
+    args = (stride, padding, dilation, transposed, out_pad, groups)
+    got = _conv_result(x.to("meta"), w.to("meta"), bias.to("meta"), *args)
+    try:
+        ref = torch.ops.aten.convolution.default(x, w, bias, *args)
+    except RuntimeError:
+        assert got is None
+        return
+    assert (got is None and 0 in ref.shape) or (got.shape == ref.shape and got.dtype == ref.dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -211,16 +211,19 @@ class _ShapeOnlyMode(TorchDispatchMode):
             a, b = args[-2], args[-1]
             shape = (*a.shape[:-1], b.shape[-1])
             return torch.empty(shape, dtype=torch.promote_types(a.dtype, b.dtype), device="meta")
+        if func is torch.ops.aten.convolution.default:
+            out = _conv_result(*args)
+            if out is not None:
+                return out
         if func is torch.ops.aten.native_layer_norm.default:
             x, normalized = args[0], args[1]
             stats = (*x.shape[: x.dim() - len(normalized)], *([1] * len(normalized)))
-            return torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)
+            return _meta_like(x), _meta(stats, x.dtype), _meta(stats, x.dtype)
         if func in _SOFTMAX_OPS:
-            return torch.empty_like(args[0])
+            return _meta_like(args[0])
         if func in _BN_OPS:
             x = args[0]
-            stats = torch.empty((x.shape[1],), dtype=torch.float32, device="meta")
-            return torch.empty_like(x), stats, stats.clone()
+            return _meta_like(x), _meta((x.shape[1],), torch.float32), _meta((x.shape[1],), torch.float32)
         if torch.Tag.pointwise in func.tags and "out" not in kwargs:
             if torch.Tag.inplace in func.tags:
                 return args[0]
@@ -229,6 +232,52 @@ class _ShapeOnlyMode(TorchDispatchMode):
                 shape = _broadcast_shapes([t.shape for t in tensors])
                 return torch.empty(shape, dtype=_result_dtype(func, args, tensors), device="meta")
         return func(*args, **kwargs)
+
+
+def _meta(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _meta_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` for a meta tensor (whose own ``empty_like`` runs a slow Python
+    reference implementation)."""
+    return _meta(x.shape, x.dtype) if x.is_contiguous() else torch.empty_like(x)
+
+
+def _conv_result(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor | None:
+    """The empty result of a convolution on contiguous meta tensors (the shape formula of the
+    convolution docs); None for anything else, which then runs torch's meta kernel."""
+    k = w.dim() - 2
+    if x.device.type != "meta" or x.dim() != k + 2 or not (x.is_contiguous() and w.is_contiguous()):
+        return None
+    if not all(len(v) == k for v in (stride, padding, dilation, output_padding)):
+        return None
+    channels = w.shape[1] * groups if transposed else w.shape[0]
+    if x.shape[1] != (w.shape[0] if transposed else w.shape[1] * groups):
+        return None  # torch's kernel names the mismatch
+    if bias is not None and tuple(bias.shape) != (channels,):
+        return None
+    spatial = []
+    for i in range(k):
+        size, kern = x.shape[2 + i], w.shape[2 + i]
+        span = dilation[i] * (kern - 1)
+        if transposed:
+            spatial.append((size - 1) * stride[i] - 2 * padding[i] + span + output_padding[i] + 1)
+        else:
+            spatial.append((size + 2 * padding[i] - span - 1) // stride[i] + 1)
+    if min(spatial, default=1) < 1:
+        return None  # let torch raise its own error
+    return _meta((x.shape[0], channels, *spatial), x.dtype)
 
 
 def _broadcast_shapes(shapes: list[torch.Size]) -> list[int]:
@@ -345,6 +394,9 @@ def _trace(
     module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
     running: list[nn.Module] = []  # modules whose forward is executing, innermost last
     arg_shapes = _ArgShapes(running)
+    # Inside a layer the trace needs only what goes in and what comes out (its own ops become
+    # its node), so the argument recorder is switched off there: it is most of a trace's cost.
+    quiet: list[Any] = []
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         running.append(module)
@@ -361,10 +413,14 @@ def _trace(
                     if t.requires_grad
                     else None
                 )
+            off = torch._C.DisableTorchFunction()
+            off.__enter__()
+            quiet.append(off)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         running.pop()
         if module in leaves:
+            quiet.pop().__exit__(None, None, None)
             for t in flatten_tensors(output):
                 if t.grad_fn is not None:
                     out_fn_module.setdefault(t.grad_fn, module)
@@ -384,6 +440,8 @@ def _trace(
             if output_transform is not None:
                 out = output_transform(out)
     finally:
+        while quiet:  # a layer that raised never reached its post hook
+            quiet.pop().__exit__(None, None, None)
         for h in handles:
             h.remove()
 
