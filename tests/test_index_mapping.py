@@ -77,7 +77,7 @@ def test_unary_ops_match_the_tensor_form(m: RootMap) -> None:
     size = m.shape[d]
     for start in range(size):
         _same(lambda x, s=start: im.narrow(x, d, s, size - s), m)
-    _same(lambda x: im.embed(x, d, 2, size + 3), m)
+    _same(lambda x: im.place(x, d, 2, size + 3), m)
     full = [3] * nd
     full[d] = size
     _same(lambda x: im.broadcast_to(x, full), m)
@@ -100,26 +100,34 @@ def test_unary_ops_match_the_tensor_form(m: RootMap) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.data())
-def test_merge_and_concat_match_the_tensor_form(data: st.DataObject) -> None:
+def test_merge_matches_the_tensor_form(data: st.DataObject) -> None:
     ndim = data.draw(st.integers(1, 3))
     dim = data.draw(st.integers(0, ndim - 1))
     size = data.draw(st.integers(1, 12))
     a = data.draw(run_maps(ndim, size, dim))
     b = data.draw(run_maps(ndim, size, dim))
     assert _outcome(lambda: im.merge(a, b)) == _outcome(lambda: im.merge(_as_tensor(a), _as_tensor(b)))
-    c = data.draw(run_maps(ndim, data.draw(st.integers(1, 12)), dim))
-    shapes = [list(a.shape), list(c.shape)]
-    for maps in ([a, c], [None, c], [a, None]):
-        tensors = [_as_tensor(m) if m is not None else None for m in maps]
-        runs_form = _outcome(lambda ms=maps: im.concat(ms, shapes, dim))
-        assert runs_form == _outcome(lambda ts=tensors: im.concat(ts, shapes, dim))
+
+
+@settings(max_examples=200, deadline=None)
+@given(run_maps(), st.integers(0, 5), st.integers(0, 5))
+def test_place_is_a_concat_with_kept_neighbours(m: RootMap, before: int, after: int) -> None:
+    """A map placed in a longer tensor equals torch.cat of kept filler, the map and kept filler."""
+    d = m.dim
+    placed = im.place(m, d, before, before + m.shape[d] + after)
+    assert _outcome(lambda: placed) == _outcome(lambda: im.place(_as_tensor(m), d, before, placed.shape[d]))
+    if m.shape[d] > 1:
+        fill = [torch.full(m.shape[:d] + (n,) + m.shape[d + 1 :], -1) for n in (before, after)]
+        assert torch.equal(placed.t, torch.cat([fill[0], m.t, fill[1]], d))
+    else:
+        assert placed is m
 
 
 def test_common_maps_stay_runs() -> None:
     """The maps a closure passes around most (whole layers, channel blocks at an offset) never
     build a tensor along the way."""
     m = im.channel_map(4, 1, 32, range(32), range(32))
-    placed = im.concat([None, m, None], [[1, 64, 1, 1], [1, 32, 1, 1], [1, 16, 1, 1]], 1)
+    placed = im.place(m, 1, 64, 112)
     assert placed.runs == [(64, 96, 0, 1)] and placed._t is None
     merged, added = im.merge(placed, im.narrow(placed, 1, 0, 112))
     assert not added and merged is placed

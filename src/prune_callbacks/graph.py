@@ -287,9 +287,15 @@ class DependencyGraph:
                 sig = signatures[node] = self._signature(node, ignored)
             return sig
 
+        # Cheap differences first (DenseNet layers grow, and each one's output has fewer readers
+        # than the last): everything checked here, the correspondence would check too.
         first = template.root.dep.target
         if any(self._channels(first, sd) != self._channels(root, sd) for sd in ("in", "out")):
-            return None  # cheaper than the signatures (a different layer: DenseNet layers grow)
+            return None
+        if len(first.out_edges) != len(root.out_edges) or any(
+            len(a.dsts) != len(b.dsts) or a.shape != b.shape for a, b in zip(first.out_edges, root.out_edges)
+        ):
+            return None
         maps: dict[Edge, RootMap] = getattr(template, "_edge_maps", {})
         explored = {it.dep.target for it in template} | {it.dep.source for it in template}
         for e in maps:
@@ -663,9 +669,14 @@ class DependencyGraph:
                     if m is not None:
                         visit(e, m, here, node)
 
-        with im.joining_roots(union) if union is not None else nullcontext():
-            at_module(root, side, idxs, roots, (root, side))
-            self._drain(queue, edge_maps, visit, at_module, param_dims, (root, side), union)
+        try:
+            with im.joining_roots(union) if union is not None else nullcontext():
+                at_module(root, side, idxs, roots, (root, side))
+                self._drain(queue, edge_maps, visit, at_module, param_dims, (root, side), union)
+        finally:
+            # at_module calls itself: drop that reference cycle now, so the search's records
+            # are freed when it returns instead of waiting for the cyclic garbage collector.
+            at_module = None  # type: ignore[assignment]
         if union is not None and union.parent:
             for rec in records.values():
                 for c, r in rec.items():
@@ -1361,17 +1372,32 @@ def _expand_blocks(chans: list[int], roots: list[int], mult: int) -> tuple[list[
     return [c * mult + j for c in chans for j in range(mult)], [r for r in roots for _ in range(mult)]
 
 
-def _mappings(rec: dict[int, int]) -> tuple[Callable, Callable]:
-    """Index mappings of a group item: root indices -> target indices and back."""
+class _RootToTarget:
+    """Index mapping of a group item: root indices -> the item's indices."""
 
-    def root_to_target(idxs: Sequence[int]) -> list[int]:
+    __slots__ = ("rec",)
+
+    def __init__(self, rec: dict[int, int]) -> None:
+        self.rec = rec
+
+    def __call__(self, idxs: Sequence[int]) -> list[int]:
         wanted = set(idxs)
-        return sorted(c for c, r in rec.items() if r in wanted)
+        return sorted(c for c, r in self.rec.items() if r in wanted)
 
-    def target_to_root(idxs: Sequence[int]) -> list[int]:
+
+class _TargetToRoot(_RootToTarget):
+    """Index mapping of a group item: the item's indices -> root indices."""
+
+    __slots__ = ()
+
+    def __call__(self, idxs: Sequence[int]) -> list[int]:
+        rec = self.rec
         return sorted({rec[i] for i in idxs if i in rec})
 
-    return root_to_target, target_to_root
+
+def _mappings(rec: dict[int, int]) -> tuple[Callable, Callable]:
+    """Index mappings of a group item: root indices -> target indices and back."""
+    return _RootToTarget(rec), _TargetToRoot(rec)
 
 
 class _VirtualFunction:

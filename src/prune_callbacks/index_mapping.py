@@ -10,7 +10,6 @@ is exact by construction; what cannot be expressed per channel raises :class:`Ba
 
 from __future__ import annotations
 
-import itertools
 import math
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
@@ -547,47 +546,19 @@ def inverse_permutation(dims: Sequence[int]) -> list[int]:
     return inv
 
 
-def concat(maps: Sequence[RootMap | None], shapes: Sequence[Sequence[int]], dim: int) -> RootMap:
-    """Map of ``torch.cat`` of operands with maps ``maps`` (None = nothing pruned there)."""
-    ndim = len(shapes[0])
-    present = [m for m in maps if m is not None]
-    if all(m.shape[dim] == 1 for m in present):
-        # Channels live on another dimension: every operand shares them.
-        out = present[0]
-        for m in present[1:]:
-            out, _ = merge(out, m)
-        return out
-    shape = [1] * ndim
-    for m in present:
-        shape = [max(x, y) for x, y in zip(shape, m.shape)]
-    explicit = tuple(any(m.explicit[d] for m in present) or d == dim for d in range(ndim))
-    starts = list(itertools.accumulate((s[dim] for s in shapes), initial=0))
-    shape[dim] = starts[-1]
-    if all(m.runs is not None and m.dim == dim for m in present):
-        # Channel runs along the concat dimension: shift each operand's runs to its place.
-        runs = [
-            (s + starts[i], e + starts[i], b, st)
-            for i, m in enumerate(maps)
-            if m is not None
-            for s, e, b, st in m.runs or []
-        ]
-        return RootMap.of_runs(shape, dim, _coalesce(runs), explicit)
-    if len(present) == 1:
-        # One operand carries channels (the common case): place it, no per-operand tensors.
-        i = next(k for k, m in enumerate(maps) if m is not None)
-        out = torch.full(shape, KEPT, dtype=torch.long)
-        region = out.narrow(dim, starts[i], shapes[i][dim])
-        region.copy_(present[0].t.expand(region.shape))
-        return RootMap(out, explicit)
-    parts = []
-    for m, s in zip(maps, shapes):
-        part_shape = list(shape)
-        part_shape[dim] = s[dim]
-        if m is None:
-            parts.append(torch.full(part_shape, KEPT, dtype=torch.long))
-        else:
-            parts.append(m.t.expand(part_shape))
-    return RootMap(torch.cat(parts, dim), explicit)
+def place(m: RootMap, dim: int, start: int, total: int) -> RootMap:
+    """Place a map of a part of a tensor (a concat operand, a split output) at ``start`` along
+    ``dim`` of the whole tensor (``total`` long); the rest is kept."""
+    if m.shape[dim] == 1:
+        return m
+    shape = m.shape[:dim] + (total,) + m.shape[dim + 1 :]
+    explicit = m.explicit[:dim] + (True,) + m.explicit[dim + 1 :]
+    if m.runs is not None and m.dim == dim:
+        runs = [(s + start, e + start, b, st) for s, e, b, st in m.runs]
+        return RootMap.of_runs(shape, dim, runs, explicit)
+    out = torch.full(shape, KEPT, dtype=torch.long)
+    out.narrow(dim, start, m.shape[dim]).copy_(m.t)
+    return RootMap(out, explicit)
 
 
 def narrow(m: RootMap, dim: int, start: int, length: int) -> RootMap:
@@ -603,21 +574,6 @@ def narrow(m: RootMap, dim: int, start: int, length: int) -> RootMap:
         ]
         return RootMap.of_runs(m.shape[:dim] + (length,) + m.shape[dim + 1 :], dim, runs, m.explicit)
     return RootMap(m.t.narrow(dim, start, length), m.explicit)
-
-
-def embed(m: RootMap, dim: int, start: int, total: int) -> RootMap:
-    """Place a map of one split output back into the map of the whole input."""
-    if m.shape[dim] == 1:
-        return m
-    shape = list(m.shape)
-    shape[dim] = total
-    if m.runs is not None:
-        return RootMap.of_runs(
-            shape, dim, [(s + start, e + start, b, st) for s, e, b, st in m.runs], m.explicit
-        )
-    t = torch.full(shape, KEPT, dtype=torch.long)
-    t.narrow(dim, start, m.shape[dim]).copy_(m.t)
-    return RootMap(t, m.explicit)
 
 
 def unsqueeze(m: RootMap, dim: int) -> RootMap:

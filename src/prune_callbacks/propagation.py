@@ -160,13 +160,7 @@ def forward(node: Node, pos: int, m: RootMap) -> list[tuple[int, RootMap]]:
             return [(0, im.unsqueeze(m, dim))]
         dim = _norm(a["dim"], ndim)
         sizes = _cat_sizes(node, dim)
-        shapes = []
-        for size in sizes:
-            sh = list(outs[0])
-            sh[dim] = size
-            shapes.append(sh)
-        maps = [m if i == pos else None for i in range(len(sizes))]
-        return [(0, im.concat(maps, shapes, dim))]
+        return [(0, im.place(m, dim, sum(sizes[:pos]), sum(sizes)))]
     if t == OpType.SPLIT:
         ndim = len(in_shape)
         dim = _norm(a.get("dim", 0), ndim)
@@ -248,9 +242,9 @@ def backward(node: Node, nr: int, m: RootMap) -> list[tuple[int, RootMap]]:
         dim = _norm(a.get("dim", 0), ndim)
         if op == "Unbind":
             m = im.unsqueeze(m, dim)
-            return [(0, im.embed(m, dim, nr, in_shape[dim]) if not _trivial_on(m, [dim]) else m)]
+            return [(0, im.place(m, dim, nr, in_shape[dim]) if not _trivial_on(m, [dim]) else m)]
         off = sum(s[dim] for s in a["out_shapes"][:nr])
-        return [(0, im.embed(m, dim, off, in_shape[dim]))]
+        return [(0, im.place(m, dim, off, in_shape[dim]))]
     if t == OpType.RESHAPE:
         return [(0, im.reshape(m, out_shape, in_shapes[0]))]
     if t == OpType.PERMUTE:
@@ -290,7 +284,7 @@ def _slice_backward(node: Node, op: str, m: RootMap, in_shape: tuple, out_shape:
         dim = _norm(a["dim"], ndim)
         piece = _partition_piece(node, dim) if op == "Slice" and not im.constant_along(m, dim) else None
         if piece is not None:
-            return im.embed(m, dim, piece[0], in_shape[dim])
+            return im.place(m, dim, piece[0], in_shape[dim])
         return im.collapse(m, [dim], "slicing a channel dimension with fixed bounds")
     if op == "Select":
         return im.unsqueeze(m, _norm(a["dim"], ndim))
