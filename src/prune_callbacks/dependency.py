@@ -7,7 +7,7 @@ must be applied together; its first entry is the root. Pruning a group is atomic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +23,9 @@ class Dependency:
     """Edge of the dependency graph: ``trigger`` on ``source`` implies ``handler`` on ``target``.
 
     ``index_mapping`` is a pair of callables: the first maps indices of the group's root to this
-    dependency's target indices, the second maps target indices back to the root.
+    dependency's target indices, the second maps target indices back to the root. It may be given
+    as the target's ``{channel: root channel}`` dict instead; the pair is then made on first use
+    (a group has one dependency per layer and most are never asked).
     """
 
     def __init__(
@@ -32,13 +34,20 @@ class Dependency:
         handler: Callable,
         source: Node,
         target: Node,
-        index_mapping: tuple[Callable, Callable] | None = None,
+        index_mapping: tuple[Callable, Callable] | Mapping[int, int] | None = None,
     ) -> None:
         self.trigger = trigger
         self.handler = handler
         self.source = source
         self.target = target
-        self.index_mapping = index_mapping or (_identity, _identity)
+        self._index_mapping = index_mapping if index_mapping is not None else (_identity, _identity)
+
+    @property
+    def index_mapping(self) -> tuple[Callable, Callable]:
+        m = self._index_mapping
+        if isinstance(m, Mapping):
+            m = self._index_mapping = (_RootToTarget(m), _TargetToRoot(m))
+        return m
 
     def __call__(self, idxs: Sequence[int]) -> Any:
         """Apply the handler to the target module."""
@@ -55,6 +64,29 @@ class Dependency:
 
 def _identity(idxs: Sequence[int]) -> list[int]:
     return list(idxs)
+
+
+class _RootToTarget:
+    """Index mapping of a dependency: root indices -> the target's indices."""
+
+    __slots__ = ("rec",)
+
+    def __init__(self, rec: Mapping[int, int]) -> None:
+        self.rec = rec
+
+    def __call__(self, idxs: Sequence[int]) -> list[int]:
+        wanted = set(idxs)
+        return sorted(c for c, r in self.rec.items() if r in wanted)
+
+
+class _TargetToRoot(_RootToTarget):
+    """Index mapping of a dependency: the target's indices -> root indices."""
+
+    __slots__ = ()
+
+    def __call__(self, idxs: Sequence[int]) -> list[int]:
+        rec = self.rec
+        return sorted({rec[i] for i in idxs if i in rec})
 
 
 def _fn_name(fn: Callable) -> str:

@@ -85,6 +85,7 @@ class DependencyGraph:
         self._head_reshape_of: dict[int, list[Edge]] = {}
         self._head_block_hints: dict[tuple[str, int, int], int] = {}
         self._tied_sides: dict[tuple[Node, Side], list[tuple[Node, Side]]] | None = None
+        self._memo: dict[tuple, Any] | None = None  # see _layers_fixed
         self._customized: dict[type, LayerPruner] = {}
 
     # ------------------------------------------------------------------ build
@@ -211,8 +212,18 @@ class DependencyGraph:
         Groups rooted at ``ignored_layers`` (or that would change their output channels) and
         groups blocked by an op whose channel mapping cannot be proven are left out.
         """
-        with gc_paused():
+        with gc_paused(), self._layers_fixed():
             return self._all_groups(ignored_layers, root_module_types)
+
+    @contextmanager
+    def _layers_fixed(self) -> Iterator[None]:
+        """Within the block no layer changes, so per-layer facts (channel counts, coupling,
+        pruning functions) are computed once per layer and side instead of once per visit."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
 
     def _all_groups(self, ignored_layers: Iterable[Any], root_module_types: Sequence[type]) -> list[Group]:
         ignored = {id(m) for m in ignored_layers} | self.ignored
@@ -314,7 +325,7 @@ class DependencyGraph:
             handler = self._fn(tgt, _side_of(dep.handler), _param_dim(dep.handler))
             items.append(
                 GroupItem(
-                    Dependency(trigger, handler, src, tgt, dep.index_mapping),
+                    Dependency(trigger, handler, src, tgt, dep._index_mapping),
                     list(it.idxs),
                     list(it.root_idxs),
                 )
@@ -346,7 +357,7 @@ class DependencyGraph:
             self._channels(node, "out"),
             self._channels(node, "in"),
             self._coupled(node),
-            _depthwise_mult(node),
+            self._dw_mult(node),
             getattr(module, "data_format", None),
         )
 
@@ -638,7 +649,7 @@ class DependencyGraph:
                 return
             coupled = self._coupled(node)
             rec_side = "out" if coupled else s
-            if _depthwise_mult(node) and coupled:
+            if self._dw_mult(node) and coupled:
                 from_edge = None  # whole blocks may add channels to the edge they came from
                 chans, croots, rec_side = self._depthwise_to_in(node, s, chans, croots, union)
             if id(node.module) in ignored and (rec_side == "out" or coupled):
@@ -825,7 +836,7 @@ class DependencyGraph:
             src_node, src_side = sources[(node, s)]
             fn = self._fn(node, s, param_dims.get(node))
             trigger = self._fn(src_node, src_side, param_dims.get(src_node))
-            dep = Dependency(trigger, fn, src_node, node, _mappings(rec))
+            dep = Dependency(trigger, fn, src_node, node, rec)
             items.append(GroupItem(dep, chans, [rec[c] for c in chans]))
         group = Group(items, self, self._attribute_updates(edge_maps))
         group._edge_maps = edge_maps
@@ -990,9 +1001,24 @@ class DependencyGraph:
     def _coupled(self, node: Node) -> bool:
         if node.type == OpType.PARAMETER:
             return True
-        return bool(node.pruner.coupled(node.module))
+        memo, key = self._memo, (node, "coupled")
+        if memo is not None and key in memo:
+            return memo[key]
+        coupled = bool(node.pruner.coupled(node.module))
+        if memo is not None:
+            memo[key] = coupled
+        return coupled
 
     def _channels(self, node: Node, side: Side, dim: int | None = None) -> int | None:
+        memo, key = self._memo, (node, side, dim)
+        if memo is not None and key in memo:
+            return memo[key]
+        n = self._count_channels(node, side, dim)
+        if memo is not None:
+            memo[key] = n
+        return n
+
+    def _count_channels(self, node: Node, side: Side, dim: int | None) -> int | None:
         if node.type == OpType.PARAMETER:
             dim = node.pruning_dim if node.pruning_dim is not None else dim
             return node.module.shape[dim] if dim is not None else None
@@ -1002,6 +1028,25 @@ class DependencyGraph:
         return pruner.out_channels(node.module) if side == "out" else pruner.in_channels(node.module)
 
     def _fn(self, node: Node, side: Side, dim: int | None = None) -> Callable:
+        memo, key = self._memo, (node, side, dim, "fn")
+        if memo is not None and key in memo:
+            return memo[key]
+        fn = self._pruning_function(node, side, dim)
+        if memo is not None:
+            memo[key] = fn
+        return fn
+
+    def _dw_mult(self, node: Node) -> int:
+        """:func:`_depthwise_mult`, once per layer within :meth:`_layers_fixed`."""
+        memo, key = self._memo, (node, "dw")
+        if memo is not None and key in memo:
+            return memo[key]
+        mult = _depthwise_mult(node)
+        if memo is not None:
+            memo[key] = mult
+        return mult
+
+    def _pruning_function(self, node: Node, side: Side, dim: int | None) -> Callable:
         if node.type == OpType.PARAMETER:
             out_fn, in_fn = self._param_functions(
                 node, node.pruning_dim if node.pruning_dim is not None else dim
@@ -1010,7 +1055,7 @@ class DependencyGraph:
             return _virtual_function(node)
         else:
             out_fn, in_fn = get_pruning_functions(node.pruner)
-            if _depthwise_mult(node):
+            if self._dw_mult(node):
                 out_fn, in_fn = prune_depthwise_conv_out_channels, prune_depthwise_conv_in_channels
         return out_fn if side == "out" else in_fn
 
@@ -1066,7 +1111,7 @@ class DependencyGraph:
         if dim is None:
             return None
         size = edge.shape[dim]
-        mult = _depthwise_mult(node)
+        mult = self._dw_mult(node)
         if mult and side == "out" and rec_side == "in":
             chans, roots = _expand_blocks(chans, roots, mult)
         n = self._channels(node, side, param_dims.get(node))
@@ -1370,34 +1415,6 @@ def _expand_blocks(chans: list[int], roots: list[int], mult: int) -> tuple[list[
     if mult == 1:
         return chans, roots
     return [c * mult + j for c in chans for j in range(mult)], [r for r in roots for _ in range(mult)]
-
-
-class _RootToTarget:
-    """Index mapping of a group item: root indices -> the item's indices."""
-
-    __slots__ = ("rec",)
-
-    def __init__(self, rec: dict[int, int]) -> None:
-        self.rec = rec
-
-    def __call__(self, idxs: Sequence[int]) -> list[int]:
-        wanted = set(idxs)
-        return sorted(c for c, r in self.rec.items() if r in wanted)
-
-
-class _TargetToRoot(_RootToTarget):
-    """Index mapping of a group item: the item's indices -> root indices."""
-
-    __slots__ = ()
-
-    def __call__(self, idxs: Sequence[int]) -> list[int]:
-        rec = self.rec
-        return sorted({rec[i] for i in idxs if i in rec})
-
-
-def _mappings(rec: dict[int, int]) -> tuple[Callable, Callable]:
-    """Index mappings of a group item: root indices -> target indices and back."""
-    return _RootToTarget(rec), _TargetToRoot(rec)
 
 
 class _VirtualFunction:
