@@ -277,13 +277,16 @@ class DependencyGraph:
                 stacklevel=2,
             )
         # Drop a group whose root is fully contained in a larger later group.
-        result = []
-        for g, full in groups:
-            root_key = _root_key(g)
-            if any(h is not g and root_key in hfull and _root_key(h) not in full for h, hfull in groups):
-                continue
-            result.append(g)
-        return result
+        root_keys = [_root_key(g) for g, _ in groups]
+        holders: dict[tuple[int, str], list[int]] = {}
+        for i, (_g, full) in enumerate(groups):
+            for key in full:
+                holders.setdefault(key, []).append(i)
+        return [
+            g
+            for i, (g, full) in enumerate(groups)
+            if not any(j != i and root_keys[j] not in full for j in holders.get(root_keys[i], ()))
+        ]
 
     def _copy_group(
         self, template: Group, root: Node, ignored: set[int], signatures: dict[Node, tuple]
