@@ -667,12 +667,13 @@ class DependencyGraph:
                 if not new:
                     return
                 rec.update(new)
+                all_c, all_r = list(rec), list(rec.values())
             else:
                 rec.update(zip(chans, croots))
+                all_c, all_r = (chans, croots) if len(rec) == len(chans) else (list(rec), list(rec.values()))
             sources.setdefault((node, rec_side), origin)
             here = (node, rec_side)
             sides = ("in", "out") if coupled else (s,)
-            all_c, all_r = list(rec), list(rec.values())
             for sd in sides:
                 for other, other_side in self._tied(node, sd):
                     at_module(other, other_side, all_c, all_r, here)
@@ -745,6 +746,9 @@ class DependencyGraph:
         channels are the same channels."""
         if self._tied_sides is None:
             self._tied_sides = {}
+            ids = [id(p) for _, p in self.model.named_parameters(remove_duplicate=False)]
+            if len(ids) == len(set(ids)):
+                return []  # no parameter is used twice
             owners: dict[int, set[int]] = {}
             modules = [n for n in self.nodes if n.is_module and n.type != OpType.PARAMETER]
             for n in modules:
@@ -1200,9 +1204,12 @@ class DependencyGraph:
         return sorted(nodes, key=lambda n: self._order.get(n.module, len(self._order)))
 
 
+_BLOCK_NUMBER = re.compile(r"\.\d+(?=\.|$)")
+
+
 def _block_pattern(name: str) -> str:
     """A layer name with its block numbers blanked: ``layers.3.attn.q`` -> ``layers.#.attn.q``."""
-    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+    return _BLOCK_NUMBER.sub(".#", name)
 
 
 def _param_dim(fn: Callable) -> int | None:
