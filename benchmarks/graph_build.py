@@ -6,7 +6,7 @@ For each model: one forward pass (reference), our ``DependencyGraph().build_depe
 rounds. A second part builds DenseNets of growing depth to check that our build plus
 ``get_all_groups`` grows linearly with the number of layers.
 
-Run ``python benchmarks/graph_build.py`` (about 8 minutes on 2 cores) or ``--quick`` for a
+Run ``python benchmarks/graph_build.py`` (a few minutes on 2 cores) or ``--quick`` for a
 subset; results go to ``benchmarks/results/graph_build.json``. ``--profile MODEL`` prints the
 cProfile hot spots of our build and get_all_groups on one model instead.
 

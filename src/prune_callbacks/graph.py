@@ -1005,25 +1005,23 @@ class DependencyGraph:
             return self._param_functions(node, node.pruning_dim)[0].pruner
         return node.pruner
 
+    def _memoized(self, key: tuple, compute: Callable[..., Any], *args: Any) -> Any:
+        """``compute(*args)``, kept under ``key`` within :meth:`_layers_fixed`."""
+        memo = self._memo
+        if memo is None:
+            return compute(*args)
+        if key in memo:
+            return memo[key]
+        value = memo[key] = compute(*args)
+        return value
+
     def _coupled(self, node: Node) -> bool:
         if node.type == OpType.PARAMETER:
             return True
-        memo, key = self._memo, (node, "coupled")
-        if memo is not None and key in memo:
-            return memo[key]
-        coupled = bool(node.pruner.coupled(node.module))
-        if memo is not None:
-            memo[key] = coupled
-        return coupled
+        return self._memoized((node, "coupled"), _coupled_layer, node)
 
     def _channels(self, node: Node, side: Side, dim: int | None = None) -> int | None:
-        memo, key = self._memo, (node, side, dim)
-        if memo is not None and key in memo:
-            return memo[key]
-        n = self._count_channels(node, side, dim)
-        if memo is not None:
-            memo[key] = n
-        return n
+        return self._memoized((node, side, dim), self._count_channels, node, side, dim)
 
     def _count_channels(self, node: Node, side: Side, dim: int | None) -> int | None:
         if node.type == OpType.PARAMETER:
@@ -1035,23 +1033,11 @@ class DependencyGraph:
         return pruner.out_channels(node.module) if side == "out" else pruner.in_channels(node.module)
 
     def _fn(self, node: Node, side: Side, dim: int | None = None) -> Callable:
-        memo, key = self._memo, (node, side, dim, "fn")
-        if memo is not None and key in memo:
-            return memo[key]
-        fn = self._pruning_function(node, side, dim)
-        if memo is not None:
-            memo[key] = fn
-        return fn
+        return self._memoized((node, side, dim, "fn"), self._pruning_function, node, side, dim)
 
     def _dw_mult(self, node: Node) -> int:
         """:func:`_depthwise_mult`, once per layer within :meth:`_layers_fixed`."""
-        memo, key = self._memo, (node, "dw")
-        if memo is not None and key in memo:
-            return memo[key]
-        mult = _depthwise_mult(node)
-        if memo is not None:
-            memo[key] = mult
-        return mult
+        return self._memoized((node, "dw"), _depthwise_mult, node)
 
     def _pruning_function(self, node: Node, side: Side, dim: int | None) -> Callable:
         if node.type == OpType.PARAMETER:
@@ -1410,6 +1396,10 @@ def _pruned_shape(shape: tuple[int, ...], m: RootMap) -> tuple[int, ...]:
         others = tuple(k for k in range(t.dim()) if k != d and t.shape[k] > 1)
         out[d] = int((kept.any(dim=others) if others else kept).sum())
     return tuple(out)
+
+
+def _coupled_layer(node: Node) -> bool:
+    return bool(node.pruner.coupled(node.module))
 
 
 def _depthwise_mult(node: Node) -> int:

@@ -211,7 +211,7 @@ class _ShapeOnlyMode(TorchDispatchMode):
             a, b = args[-2], args[-1]
             shape = (*a.shape[:-1], b.shape[-1])
             return torch.empty(shape, dtype=torch.promote_types(a.dtype, b.dtype), device="meta")
-        if func is torch.ops.aten.convolution.default:
+        if func is torch.ops.aten.convolution.default and len(args) == 9 and not kwargs:
             out = _conv_result(*args)
             if out is not None:
                 return out
@@ -258,7 +258,9 @@ def _conv_result(
     """The empty result of a convolution on contiguous meta tensors (the shape formula of the
     convolution docs); None for anything else, which then runs torch's meta kernel."""
     k = w.dim() - 2
-    if x.device.type != "meta" or x.dim() != k + 2 or not (x.is_contiguous() and w.is_contiguous()):
+    if x.device.type != "meta" or x.dim() != k + 2 or x.dtype != w.dtype:
+        return None
+    if not (x.is_contiguous() and w.is_contiguous()):
         return None
     if not all(len(v) == k for v in (stride, padding, dilation, output_padding)):
         return None
