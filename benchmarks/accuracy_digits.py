@@ -1,8 +1,8 @@
 """Accuracy, MACs, parameters and CPU latency of four ways to make ``DigitsResNet`` cheaper, side by side.
 
-One model (:class:`prune_callbacks.models.DigitsResNet`, width 32), one dataset (scikit-learn digits
-through :class:`prune_callbacks.data.DigitsDataModule`, seeded split), one task module
-(:class:`prune_callbacks.lit_modules.ImageClassifier`), the same optimizer (SGD, lr 0.05, Nesterov
+One model (:class:`prune_callbacks.reference.models.DigitsResNet`, width 32), one dataset (scikit-learn digits
+through :class:`prune_callbacks.reference.data.DigitsDataModule`, seeded split), one task module
+(:class:`prune_callbacks.reference.tasks.ImageClassifier`), the same optimizer (SGD, lr 0.05, Nesterov
 momentum 0.9, weight decay 5e-4), the same per-epoch cosine learning rate and the same total number
 of epochs ``E`` (default 24) for every method:
 
@@ -63,10 +63,10 @@ from prune_callbacks import (
     count_macs_and_params,
     measure_latency,
 )
-from prune_callbacks.data import DigitsDataModule
-from prune_callbacks.lit_modules import ImageClassifier
-from prune_callbacks.models import DigitsResNet
-from prune_callbacks.schedule import ratio_schedule
+from prune_callbacks.reference.data import DigitsDataModule
+from prune_callbacks.reference.tasks import ImageClassifier
+from prune_callbacks.reference.models import DigitsResNet
+from prune_callbacks.pruning.schedule import ratio_schedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy_digits.json"
 METHODS = ("dense", "lightning", "torch_pruning", "ours")

@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from prune_callbacks.callback import StructuredPruning
-from prune_callbacks.models import DigitsResNet, cifar_resnet
+from prune_callbacks.integrations.lightning.callback import StructuredPruning
+from prune_callbacks.reference.models import DigitsResNet, cifar_resnet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "callback_overhead.json"
 TARGET_OVERHEAD = 0.03

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import prune_callbacks as pc
-from prune_callbacks.models import densenet, densenet121_like, densenet201_like, resnet50_like
+from prune_callbacks.reference.models import densenet, densenet121_like, densenet201_like, resnet50_like
 
 RESULTS = Path(__file__).resolve().parent / "results" / "graph_build.json"
 DENSENET121_BLOCKS = (6, 12, 24, 16)

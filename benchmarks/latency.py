@@ -2,7 +2,7 @@
 
 Models (random weights, nothing downloaded):
 
-* ``resnet50``: :func:`prune_callbacks.models.resnet50_like` (torchvision's ResNet-50 layout);
+* ``resnet50``: :func:`prune_callbacks.reference.models.resnet50_like` (torchvision's ResNet-50 layout);
 * ``vit``: a Hugging Face ``ViTForImageClassification`` of ViT-S/16 shape (384 wide, 12 layers,
   6 heads, MLP 1536, patch 16).
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from prune_callbacks import MagnitudeImportance, Pruner, count_macs_and_params, measure_latency
-from prune_callbacks.models import resnet50_like
+from prune_callbacks.reference.models import resnet50_like
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
 TARGET_SPEEDUP, TARGET_EFFICIENCY = 2.0, 0.8

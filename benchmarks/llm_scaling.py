@@ -49,7 +49,7 @@ def inputs(seq: int = SEQ) -> dict:
 
 def _prune(model: torch.nn.Module, x: dict) -> float:
     """Build the graph and prune (30% of MLP channels, 25% of heads); returns the seconds taken."""
-    from prune_callbacks.pruner import Pruner
+    from prune_callbacks.pruning.pruner import Pruner
 
     t = time.perf_counter()
     with warnings.catch_warnings():

@@ -4,8 +4,8 @@ same run, on one CPU thread.
 
 Models (random weights, nothing downloaded):
 
-* ``resnet50``: :func:`prune_callbacks.models.resnet50_like` at 224x224;
-* ``densenet201``: :func:`prune_callbacks.models.densenet201_like` at 224x224;
+* ``resnet50``: :func:`prune_callbacks.reference.models.resnet50_like` at 224x224;
+* ``densenet201``: :func:`prune_callbacks.reference.models.densenet201_like` at 224x224;
 * ``vit``: a Hugging Face ``ViTForImageClassification`` of ViT-Base shape (768 wide, 12 heads,
   MLP 3072) with ``--vit-layers`` layers (default 12) at 224x224.
 
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from prune_callbacks.flops import count_macs_and_params
-from prune_callbacks.importance import MagnitudeImportance
-from prune_callbacks.models import densenet201_like, resnet50_like
-from prune_callbacks.pruner import Pruner
+from prune_callbacks.measure.flops import count_macs_and_params
+from prune_callbacks.pruning.importance import MagnitudeImportance
+from prune_callbacks.reference.models import densenet201_like, resnet50_like
+from prune_callbacks.pruning.pruner import Pruner
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_step.json"
 

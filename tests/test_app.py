@@ -1,4 +1,4 @@
-"""End-to-end tests of the Hydra app (prune_callbacks.train) on tiny settings.
+"""End-to-end tests of the Hydra app (prune_callbacks.app.train) on tiny settings.
 
 The app runs in-process through its real entry point (``main()`` with ``sys.argv`` set), which is what
 ``python -m prune_callbacks.train`` and the ``prune-train`` script call; one test also checks the module
@@ -24,13 +24,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prune_callbacks import train
-from prune_callbacks.data import DigitsDataModule, TextDataModule
-from prune_callbacks.flops import count_macs_and_params
-from prune_callbacks.history import load_pruned
-from prune_callbacks.lit_modules import CausalLM, ImageClassifier
-from prune_callbacks.models import DigitsResNet, TinyLlama
-from prune_callbacks.report import collect, write_report
+from prune_callbacks.app import train
+from prune_callbacks.reference.data import DigitsDataModule, TextDataModule
+from prune_callbacks.measure.flops import count_macs_and_params
+from prune_callbacks.pruning.history import load_pruned
+from prune_callbacks.reference.tasks import CausalLM, ImageClassifier
+from prune_callbacks.reference.models import DigitsResNet, TinyLlama
+from prune_callbacks.app.report import collect, write_report
 
 # Two tiny epochs, a prune after each, two batches per epoch, a short latency measurement.
 TINY = [
@@ -103,7 +103,7 @@ def test_recipes_are_registered() -> None:
 def test_every_recipe_composes_and_builds(recipe: str, capsys: pytest.CaptureFixture[str]) -> None:
     run_app(["--cfg", "job", f"recipe={recipe}"])
     printed = OmegaConf.create(capsys.readouterr().out)
-    assert printed.pruning._target_ == "prune_callbacks.callback.StructuredPruning"
+    assert printed.pruning._target_ == "prune_callbacks.integrations.lightning.callback.StructuredPruning"
     cfg = compose_recipe(recipe)
     assert OmegaConf.to_container(printed) == OmegaConf.to_container(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -271,7 +271,7 @@ def test_single_run_writes_consistent_results(tmp_path: Path, capsys: pytest.Cap
     assert (run_dir / "files" / "config_resolved.yaml").read_text() == resolved
     (log_file,) = run_dir.glob("*.wandb")
     data = log_file.read_bytes()
-    assert b"prune_callbacks.callback.StructuredPruning" in data and b"final/macs_speedup" in data
+    assert b"prune_callbacks.integrations.lightning.callback.StructuredPruning" in data and b"final/macs_speedup" in data
 
 
 def test_multirun_two_points_and_report(tmp_path: Path) -> None:

@@ -20,11 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from prune_callbacks.callback import HISTORY_KEY, StructuredPruning, pruned_from_checkpoint
-from prune_callbacks.flops import count_macs_and_params
-from prune_callbacks.history import load_pruned
-from prune_callbacks.importance import TaylorImportance
-from prune_callbacks.summary import format_summary
+from prune_callbacks.integrations.lightning.callback import HISTORY_KEY, StructuredPruning, pruned_from_checkpoint
+from prune_callbacks.measure.flops import count_macs_and_params
+from prune_callbacks.pruning.history import load_pruned
+from prune_callbacks.pruning.importance import TaylorImportance
+from prune_callbacks.integrations.lightning.summary import format_summary
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",

@@ -91,7 +91,7 @@ def _worker(out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, TensorDataset
 
-    from prune_callbacks.callback import StructuredPruning
+    from prune_callbacks.integrations.lightning.callback import StructuredPruning
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from prune_callbacks.data import CIFAR10DataModule, DigitsDataModule, TextDataModule
-from prune_callbacks.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
+from prune_callbacks.reference.data import CIFAR10DataModule, DigitsDataModule, TextDataModule
+from prune_callbacks.reference.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 
 # ---------------------------------------------------------------- digits
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune_callbacks.flops import call_model, count_macs_and_params, count_params, measure_latency
+from prune_callbacks.measure.flops import call_model, count_macs_and_params, count_params, measure_latency
 
 
 def test_conv2d_macs_match_formula() -> None:

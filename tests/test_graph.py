@@ -29,11 +29,11 @@ from prune_callbacks import (
     PruningError,
     module2type,
 )
-from prune_callbacks.models import DigitsResNet, cifar_resnet, densenet
-from prune_callbacks.models.densenet import DenseBlock, DenseLayer, Transition
-from prune_callbacks.models.resnet import BasicBlock
-from prune_callbacks.ops import KNOWN_ELEMENTWISE, grad_fn2type, grad_fn_name, is_known_grad_fn
-from prune_callbacks.pruning_functions import LayerPruner, PruningFunction, get_pruning_functions
+from prune_callbacks.reference.models import DigitsResNet, cifar_resnet, densenet
+from prune_callbacks.reference.models.densenet import DenseBlock, DenseLayer, Transition
+from prune_callbacks.reference.models.resnet import BasicBlock
+from prune_callbacks.graph.ops import KNOWN_ELEMENTWISE, grad_fn2type, grad_fn_name, is_known_grad_fn
+from prune_callbacks.layers.pruners import LayerPruner, PruningFunction, get_pruning_functions
 from randnet import zero_channels
 
 # Groups that reach a model output are skipped; the current graph also warns about them (see
@@ -1657,7 +1657,7 @@ def test_bidirectional_lstm_maps_both_directions() -> None:
 def test_meta_convolution_shapes_match_torch(k: int, transposed: bool, groups: int, data: Any) -> None:
     """The trace answers convolutions on meta tensors with a shape formula: it must give torch's
     shape, or step aside (None) where torch refuses or gives an empty result."""
-    from prune_callbacks.tracing import _conv_result
+    from prune_callbacks.graph.tracing import _conv_result
 
     ints = lambda lo, hi: data.draw(st.lists(st.integers(lo, hi), min_size=k, max_size=k))  # noqa: E731
     cin, cout = 2 * data.draw(st.integers(1, 3)), 2 * data.draw(st.integers(1, 3))

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from prune_callbacks import DependencyGraph
-from prune_callbacks.importance import (
+from prune_callbacks.pruning.importance import (
     BNScaleImportance,
     FisherImportance,
     MagnitudeImportance,
@@ -288,7 +288,7 @@ def test_random_importance_is_reproducible(tiny) -> None:
 
 
 def test_head_groups_score_one_value_per_head() -> None:
-    from prune_callbacks.models import TinyViT
+    from prune_callbacks.reference.models import TinyViT
 
     torch.manual_seed(0)
     model = TinyViT(dim=32, depth=1, num_heads=4).eval()
@@ -311,7 +311,7 @@ def test_head_groups_score_one_value_per_head() -> None:
 
 def test_in_place_column_reductions_match_the_views() -> None:
     """Linear and convolution inputs are reduced without the transposed copy; same values."""
-    from prune_callbacks.importance import ParamImportance
+    from prune_callbacks.pruning.importance import ParamImportance
 
     class Net(nn.Module):
         def __init__(self) -> None:

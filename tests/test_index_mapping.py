@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prune_callbacks.index_mapping as im
-from prune_callbacks.index_mapping import Barrier, RootMap, RootUnion
+import prune_callbacks.graph.index_mapping as im
+from prune_callbacks.graph.index_mapping import Barrier, RootMap, RootUnion
 
 
 @st.composite

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import prune_callbacks as pc
-from prune_callbacks.optim_state import check_optimizer_state, prune_optimizer_state
+from prune_callbacks.pruning.optim_state import check_optimizer_state, prune_optimizer_state
 
 
 class SmallNet(nn.Module):

@@ -13,10 +13,10 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prune_callbacks.flops import count_macs_and_params
-from prune_callbacks.importance import MagnitudeImportance, RandomImportance, TaylorImportance, root_ids
-from prune_callbacks.models import TinyViT, cifar_resnet, densenet, vgg_cifar
-from prune_callbacks.pruner import Pruner
+from prune_callbacks.measure.flops import count_macs_and_params
+from prune_callbacks.pruning.importance import MagnitudeImportance, RandomImportance, TaylorImportance, root_ids
+from prune_callbacks.reference.models import TinyViT, cifar_resnet, densenet, vgg_cifar
+from prune_callbacks.pruning.pruner import Pruner
 from randnet import random_cnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:prune_callbacks")
@@ -480,7 +480,7 @@ def test_arguments_are_validated_first(kwargs, match) -> None:
 
 
 def test_history_is_recorded_on_the_model() -> None:
-    from prune_callbacks.history import get_pruning_history
+    from prune_callbacks.pruning.history import get_pruning_history
 
     model = _resnet()
     pruner = Pruner(model, _x(), "l2", pruning_ratio=0.5)
@@ -493,7 +493,7 @@ def test_history_is_recorded_on_the_model() -> None:
 def test_state_dict_resumes_the_schedule_on_a_fresh_model() -> None:
     """A pruner rebuilt on a fresh copy (history replayed, weights loaded) continues the schedule
     exactly where the first one stopped, e.g. after a checkpoint."""
-    from prune_callbacks.history import apply_pruning_history, get_pruning_history
+    from prune_callbacks.pruning.history import apply_pruning_history, get_pruning_history
 
     torch.manual_seed(0)
     dense = _resnet()

@@ -1,4 +1,4 @@
-"""Tests for prune_callbacks.pruning_functions: structural channel removal for every layer family."""
+"""Tests for prune_callbacks.layers.pruners: structural channel removal for every layer family."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_callbacks import pruning_functions as pf
-from prune_callbacks.pruning_functions import (
+from prune_callbacks.layers import pruners as pf
+from prune_callbacks.layers.pruners import (
     DEFAULT_PRUNERS,
     ConvPruner,
     LayerPruner,

@@ -1,4 +1,4 @@
-"""Groups of repeated blocks are copied from an earlier block (prune_callbacks.repeats): the copies
+"""Groups of repeated blocks are copied from an earlier block (prune_callbacks.graph.repeats): the copies
 must equal what the graph search finds for each block, and differing blocks must not be copied."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from prune_callbacks import DependencyGraph
-from prune_callbacks.graph import _block_pattern
-from prune_callbacks.models.densenet import densenet
-from prune_callbacks.models.llama import TinyLlama
-from prune_callbacks.models.resnet import cifar_resnet
+from prune_callbacks.graph.dependency_graph import _block_pattern
+from prune_callbacks.reference.models.densenet import densenet
+from prune_callbacks.reference.models.llama import TinyLlama
+from prune_callbacks.reference.models.resnet import cifar_resnet
 from test_transformers import HF_MODELS
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prune_callbacks.report import collect, label_jobs, main, markdown_table, write_report
+from prune_callbacks.app.report import collect, label_jobs, main, markdown_table, write_report
 
 
 def _results(ratio: float, dense_acc: float, pruned_acc: float, dense_macs: int, pruned_macs: int) -> dict:

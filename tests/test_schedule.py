@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prune_callbacks.schedule import SCHEDULE_KINDS, ratio_schedule
+from prune_callbacks.pruning.schedule import SCHEDULE_KINDS, ratio_schedule
 
 
 def test_linear_values() -> None:

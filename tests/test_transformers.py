@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prune_callbacks import DependencyGraph, OpType, PruningError
-from prune_callbacks.pruner import Pruner
+from prune_callbacks.pruning.pruner import Pruner
 
 tf = pytest.importorskip("transformers")
 
@@ -699,7 +699,7 @@ def test_phi3_heads_masked_equivalence(kv_heads: int):
 
 
 def test_phi3_gqa_heads_pruned_and_reloaded(tmp_path):
-    from prune_callbacks.history import load_pruned, save_pruned
+    from prune_callbacks.pruning.history import load_pruned, save_pruned
 
     torch.manual_seed(0)
     build, inputs = HF_MODELS["phi3_gqa"]
@@ -726,8 +726,8 @@ def test_phi3_gqa_heads_pruned_and_reloaded(tmp_path):
 
 
 def _attention_node(mask_shape, const_mask=None):
-    from prune_callbacks.node import Node
-    from prune_callbacks.ops import OpType
+    from prune_callbacks.graph.node import Node
+    from prune_callbacks.graph.ops import OpType
 
     q = (2, 4, 8, 16)
     node = Node(None, None, "sdpa", OpType.ATTENTION)
@@ -740,7 +740,7 @@ def _attention_node(mask_shape, const_mask=None):
 def _head_map(head: int, mask: bool = False):
     """Map removing whole head ``head``: on q/k/v/out every feature of the head (explicit head and
     feature dims), on a (heads, L, S) mask its head entries."""
-    from prune_callbacks.index_mapping import RootMap
+    from prune_callbacks.graph.index_mapping import RootMap
 
     width = 1 if mask else 16
     t = torch.full((4, 1, width), -1)
@@ -751,7 +751,7 @@ def _head_map(head: int, mask: bool = False):
 
 
 def test_fused_attention_prunes_the_heads_of_its_mask():
-    from prune_callbacks import propagation
+    from prune_callbacks.graph import propagation
 
     got = {(k, i): r for k, i, r in propagation.from_input(_attention_node((4, 8, 8)), 0, _head_map(1))}
     mask = got[("in", 3)].t
@@ -768,8 +768,8 @@ def test_fused_attention_prunes_the_heads_of_its_mask():
 
 
 def test_fused_attention_refuses_token_masks_and_constant_head_masks():
-    from prune_callbacks import propagation
-    from prune_callbacks.index_mapping import Barrier, RootMap
+    from prune_callbacks.graph import propagation
+    from prune_callbacks.graph.index_mapping import Barrier, RootMap
 
     tokens = RootMap(torch.tensor([-1, 0, -1, -1, -1, -1, -1, -1]).view(1, 8, 1), (False, True, False))
     with pytest.raises(Barrier, match="tokens"):

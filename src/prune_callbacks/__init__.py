@@ -4,11 +4,11 @@ Flow: model -> :mod:`.tracing` -> :class:`DependencyGraph` (nodes, dependencies)
 :class:`Group` s -> importance scores -> subset groups -> atomic prune -> history record.
 """
 
-from .dependency import Dependency, Group, GroupItem, PruningError
-from .flops import count_macs_and_params, count_params, measure_latency
-from .graph import DependencyGraph
-from .history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
-from .importance import (
+from .graph.dependency import Dependency, Group, GroupItem, PruningError
+from .measure.flops import count_macs_and_params, count_params, measure_latency
+from .graph.dependency_graph import DependencyGraph
+from .pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
+from .pruning.importance import (
     BNScaleImportance,
     FisherImportance,
     GradientImportance,
@@ -18,13 +18,13 @@ from .importance import (
     TaylorImportance,
     get_importance,
 )
-from .index_mapping import Barrier
-from .node import Edge, Node
-from .ops import OpType, module2type
-from .optim_state import prune_optimizer_state
-from .pruner import Pruner
-from .pruning_functions import *  # noqa: F403 - the low-level pruning functions are public API
-from .pruning_functions import __all__ as _pf_all
+from .graph.index_mapping import Barrier
+from .graph.node import Edge, Node
+from .graph.ops import OpType, module2type
+from .pruning.optim_state import prune_optimizer_state
+from .pruning.pruner import Pruner
+from .layers.pruners import *  # noqa: F403 - the low-level pruning functions are public API
+from .layers.pruners import __all__ as _pf_all
 
 __all__ = [
     "BNScaleImportance",
@@ -65,7 +65,7 @@ def __getattr__(name: str) -> object:
     """The Lightning callback is imported on first use, so the graph core and the Pruner work
     (and import quickly) without Lightning."""
     if name in ("StructuredPruning", "pruned_from_checkpoint"):
-        from . import callback
+        from .integrations.lightning import callback
 
         return getattr(callback, name)
     raise AttributeError(f"module 'prune_callbacks' has no attribute {name!r}")

@@ -1,0 +1,494 @@
+"""The main job: a Hydra app that trains a model dense, prunes it inside ``Trainer.fit`` and fine-tunes it.
+
+``python -m prune_callbacks.train`` (or ``prune-train``) with no arguments trains the small digits ResNet,
+prunes it iteratively with gradient Taylor importance to half its MACs, fine-tunes it, and prints a table
+of dense vs pruned accuracy, MACs, parameters and CPU latency. Everything comes from ``conf/`` (groups
+``model``, ``data``, ``task``, ``pruning``, ``trainer``, ``logger``) and can be overridden on the command
+line; ``recipe=NAME`` applies one of the ready schedules in ``recipes/``. Each job writes ``results.json``
+to its output directory; ``python -m prune_callbacks.report <multirun dir>`` summarises a sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .config import (
+    ConfigError,
+    check_layer_names,
+    check_logger,
+    check_pruning,
+    check_schedule_fits,
+    error,
+    missing_data_error,
+    pruning_kwargs,
+)
+from ..measure.flops import count_macs_and_params, count_params, measure_latency
+
+__all__ = ["APP_ROOT", "conf_dir", "main", "recipes_dir", "register_recipes", "run"]
+
+# conf/ and recipes/ ship inside the package (package data), so a wheel install runs the app too.
+APP_ROOT = Path(__file__).resolve().parent
+RESULTS_FILE = "results.json"
+PRUNED_MODEL_FILE = "pruned_model.pt"
+RESOLVED_CONFIG_FILE = "config_resolved.yaml"
+
+
+def conf_dir() -> Path:
+    """The app's ``conf/`` directory, or a FileNotFoundError saying where it was expected."""
+    path = APP_ROOT / "conf"
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"the app's configuration was not found at {path}/config.yaml; the installed package is "
+            "incomplete: reinstall it (`pip install --force-reinstall prune_callbacks`)"
+        )
+    return path
+
+
+def recipes_dir() -> Path:
+    """The ``recipes/`` directory shipped with the app (it may be absent: then there are no recipes)."""
+    return APP_ROOT / "recipes"
+
+
+def register_recipes(directory: Path | None = None) -> list[str]:
+    """Register every ``recipes/*.yaml`` as an option of the ``recipe`` config group; return the names.
+
+    Recipes are global-package configs (they set keys of several groups), so they are stored in Hydra's
+    ConfigStore with ``package="_global_"``; a recipe's own ``defaults`` list (``override /model: ...``)
+    is honoured as for any config file. ``recipe=NAME`` on the command line then selects one.
+    """
+    directory = recipes_dir() if directory is None else directory
+    names: list[str] = []
+    if not directory.is_dir():
+        return names
+    store = ConfigStore.instance()
+    for path in sorted(directory.glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir`` when set, else this job's Hydra output directory, else the working directory."""
+    if cfg.get("output_dir"):
+        path = Path(str(cfg.output_dir))
+    elif HydraConfig.initialized():
+        path = Path(HydraConfig.get().runtime.output_dir)
+    else:
+        path = Path.cwd()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this job (empty outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def _build(cfg: Any, key: str, **kwargs: Any) -> Any:
+    """``instantiate(cfg, **kwargs)``, turning a failure into a one-line ConfigError naming ``key``."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        message = " ".join(str(cause).split())
+        target = cfg.get("_target_") if isinstance(cfg, Mapping) else None
+        raise ConfigError(
+            f"{key}: could not build {target}: {type(cause).__name__}: {message}; check the {key} config "
+            f"(python -m prune_callbacks.train --cfg job shows it)"
+        ) from None
+
+
+def _check_data(data_cfg: DictConfig, dm: Any) -> None:
+    """Run the data module's ``prepare_data`` and ``setup`` now, so a missing dataset stops the run here."""
+    try:
+        if hasattr(dm, "prepare_data"):
+            dm.prepare_data()
+        if hasattr(dm, "setup"):
+            dm.setup("fit")
+    except FileNotFoundError as exc:
+        key = "data.data_dir" if "data_dir" in data_cfg else "data"
+        raise missing_data_error(key, data_cfg.get("data_dir"), exc) from None
+
+
+def _fill_from_data(task_cfg: DictConfig, dm: Any) -> dict[str, Any]:
+    """Values for the ``task`` keys left null, taken from the data module's attribute of the same name."""
+    filled: dict[str, Any] = {}
+    for key, value in task_cfg.items():
+        if value is not None or str(key).startswith("_"):
+            continue
+        if not hasattr(dm, str(key)):
+            raise error(
+                f"task.{key}",
+                None,
+                f"{type(dm).__name__} has no attribute {key} to take it from",
+                f"set task.{key} explicitly",
+            )
+        filled[str(key)] = getattr(dm, str(key))
+    return filled
+
+
+def _detached_copy(module: Any) -> Any:
+    """Deep copy of a (Lightning) module without the Trainer it may be attached to."""
+    memo: dict[int, Any] = {}
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        memo[id(trainer)] = None
+    return copy.deepcopy(module, memo)
+
+
+@contextmanager
+def _quiet_lightning() -> Any:
+    """Silence Lightning's informational lines (device summary, tips) for the short evaluation runs."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _example_batch(lit: Any, dm: Any, n: int) -> Any:
+    """``n`` real inputs from the data module, else ``example_input_array`` repeated ``n`` times."""
+    if hasattr(dm, "example_batch"):
+        try:
+            return dm.example_batch(n)
+        except (IndexError, RuntimeError, ValueError):
+            pass
+    x = lit.example_input_array
+    if isinstance(x, torch.Tensor):
+        return x[:1].expand(n, *x.shape[1:]).clone()
+    return x
+
+
+def _widths(callback: Any) -> list[dict[str, Any]]:
+    """Channels of every group's root layer, dense and pruned, from the callback's last record."""
+    records = getattr(callback, "records", None) or []
+    if not records:
+        return []
+    return [
+        {"group": g["root"], "dense": int(g["channels_dense"]), "pruned": int(g["channels_after"])}
+        for g in records[-1]["groups"]
+    ]
+
+
+def _save_pruned(lit: Any, callback: Any, path: Path) -> bool:
+    """Save the pruned network for :func:`prune_callbacks.load_pruned`; False when there is no history.
+
+    For a task wrapper the file holds the bare network (history and weights under ``model.``, with
+    the prefix stripped), so ``load_pruned(MyNet(...), path)`` rebuilds it without Lightning.
+    """
+    from ..integrations.lightning.callback import HISTORY_KEY, pruned_from_checkpoint
+    from ..pruning.history import save_pruned
+
+    history = getattr(callback, "history", None)
+    if history is None:
+        return False
+    if isinstance(getattr(lit, "model", None), torch.nn.Module):
+        payload = pruned_from_checkpoint(
+            {"state_dict": lit.state_dict(), HISTORY_KEY: history}, prefix="model."
+        )
+        torch.save(payload, path)
+    else:
+        save_pruned(lit, path, history)
+    return True
+
+
+class DenseSnapshot(pl.Callback):
+    """Keeps the model as it was right before the first prune: the dense baseline of the run.
+
+    It copies the module once at fit start and then, at the end of every epoch in which the parameter
+    count is still the dense one, stores a CPU copy of the weights. It must come before the pruning
+    callback in the Trainer's list so that it sees each epoch's weights before that epoch's prune.
+    """
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.dense_params = -1
+        self.epoch = -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Copy the module (structure and starting weights) before anything is pruned."""
+        self.model = _detached_copy(pl_module).cpu()
+        self.dense_params = count_params(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Store this epoch's weights while the model is still dense."""
+        if count_params(pl_module) == self.dense_params:
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            self.epoch = trainer.current_epoch
+
+    def dense_model(self) -> Any:
+        """The dense model with the last dense weights (None before fit)."""
+        if self.model is not None and self.state is not None:
+            self.model.load_state_dict(self.state)
+        return self.model
+
+
+def _evaluate(cfg: DictConfig, module: Any, dm: Any, out_dir: Path) -> dict[str, float]:
+    """Validation metrics of ``module`` from a plain Trainer (no logger, no callbacks)."""
+    tcfg = cfg.trainer
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator=tcfg.get("accelerator", "auto"),
+            devices=1,
+            precision=tcfg.get("precision", "32-true"),
+            limit_val_batches=tcfg.get("limit_val_batches"),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(out_dir),
+        )
+        metrics = trainer.validate(module, datamodule=dm, verbose=False)
+    return {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+
+
+def _measure(cfg: DictConfig, models: dict[str, Any], dm: Any, example: Any) -> dict[str, dict[str, Any]]:
+    """MACs, parameters and CPU latency per configured batch size of each model (moved to the CPU).
+
+    Latency is measured in alternating rounds (dense, pruned, dense, ...) and the median of the
+    round medians is kept, so a change in machine load during the measurement hits both models alike.
+    """
+    lat_cfg = cfg.get("latency") or {}
+    repeats = max(1, int(lat_cfg.get("repeats", 20)))
+    rounds = min(5, repeats)
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in models.items():
+        macs, params = count_macs_and_params(module.cpu(), example)
+        out[name] = {"macs": int(macs), "params": int(params), "latency_s": {}}
+    threads = torch.get_num_threads()
+    if lat_cfg.get("threads"):
+        torch.set_num_threads(int(lat_cfg.threads))
+    try:
+        for bs in lat_cfg.get("batch_sizes", [1]):
+            x = _example_batch(next(iter(models.values())), dm, int(bs))
+            x = x.cpu() if isinstance(x, torch.Tensor) else x
+            samples: dict[str, list[float]] = {name: [] for name in models}
+            for _ in range(rounds):
+                for name, module in models.items():
+                    warmup = int(lat_cfg.get("warmup", 3))
+                    samples[name].append(measure_latency(module, x, warmup=warmup, repeats=repeats // rounds))
+            for name in models:
+                out[name]["latency_s"][str(bs)] = statistics.median(samples[name])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _format_table(results: dict[str, Any]) -> str:
+    """The console summary: dense vs pruned accuracy, MACs, parameters and latency."""
+    dense, pruned, metric = results["dense"], results["pruned"], results["metric"]
+    rows: list[tuple[str, str, str, str]] = []
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    da, pa = dense.get("accuracy"), pruned.get("accuracy")
+    change = "n/a" if da is None or pa is None else f"{100 * (pa - da):+.2f} pt"
+    rows.append((f"accuracy ({metric})", pct(da), pct(pa), change))
+    rows.append(
+        (
+            "MACs",
+            f"{dense['macs'] / 1e6:.3f} M",
+            f"{pruned['macs'] / 1e6:.3f} M",
+            f"{results['speedup']['macs']:.2f}x fewer",
+        )
+    )
+    rows.append(
+        (
+            "parameters",
+            f"{dense['params'] / 1e3:.1f} k",
+            f"{pruned['params'] / 1e3:.1f} k",
+            f"{results['speedup']['params']:.2f}x fewer",
+        )
+    )
+    for bs, t in dense["latency_s"].items():
+        tp = pruned["latency_s"][bs]
+        rows.append(
+            (f"CPU latency, batch {bs}", f"{t * 1e3:.2f} ms", f"{tp * 1e3:.2f} ms", f"{t / tp:.2f}x faster")
+        )
+    header = ("", "dense", "pruned", "change")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job: check the config, train dense, prune during fit, fine-tune, measure, write results.json.
+
+    Every user-fixable problem (bad ratio, unknown importance or layer name, missing dataset...) raises a
+    :class:`ConfigError` before any training. Returns the results that were written.
+    """
+    start = time.perf_counter()
+    check_pruning(cfg.pruning)
+    check_schedule_fits(cfg.pruning, cfg.trainer.get("max_epochs"))
+    check_logger(cfg.get("logger"))
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = _output_dir(cfg)
+
+    dm = _build(cfg.data, "data")
+    _check_data(cfg.data, dm)
+    net = _build(cfg.model, "model")
+    if isinstance(net, pl.LightningModule):
+        lit = net
+    else:
+        if not isinstance(net, torch.nn.Module):
+            raise error(
+                "model._target_", cfg.model.get("_target_"), "did not build an nn.Module", "point it at one"
+            )
+        lit = _build(cfg.task, "task", model=net, **_fill_from_data(cfg.task, dm))
+        if hasattr(dm, "example_batch"):
+            lit.example_input_array = dm.example_batch(1)
+    check_layer_names(lit, cfg.pruning.get("ignored_layers"))
+    check_layer_names(lit, list(cfg.pruning.get("pruning_ratio_dict") or {}), "pruning.pruning_ratio_dict")
+
+    pruning_cfg = OmegaConf.create(pruning_kwargs(OmegaConf.to_container(cfg.pruning, resolve=True)))
+    pruning = _build(pruning_cfg, "pruning")
+    snapshot = DenseSnapshot()
+
+    resolved_path = out_dir / RESOLVED_CONFIG_FILE
+    resolved_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger: Any = False
+    if cfg.get("logger"):
+        logger_cfg = cfg.logger
+        extra = {"save_dir": str(out_dir)} if logger_cfg.get("save_dir", "") is None else {}
+        logger = _build(logger_cfg, "logger", **extra)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.save(str(resolved_path), base_path=str(out_dir), policy="now")
+
+    trainer = _build(
+        cfg.trainer, "trainer", callbacks=[snapshot, pruning], logger=logger, default_root_dir=str(out_dir)
+    )
+    fit_start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    fit_time = time.perf_counter() - fit_start
+
+    dense = snapshot.dense_model()
+    metric = str(cfg.get("metric", "val/acc"))
+    dense_metrics = _evaluate(cfg, dense, dm, out_dir)
+    pruned_metrics = _evaluate(cfg, lit, dm, out_dir)
+    example = lit.example_input_array
+    example = example.cpu() if isinstance(example, torch.Tensor) else example
+    costs = _measure(cfg, {"dense": dense, "pruned": lit}, dm, example)
+    dense_cost, pruned_cost = costs["dense"], costs["pruned"]
+
+    results: dict[str, Any] = {
+        "model": type(lit.model if hasattr(lit, "model") else lit).__name__,
+        "data": type(dm).__name__,
+        "metric": metric,
+        "pruning": {
+            "importance": pruning_cfg.get("importance")
+            if isinstance(pruning_cfg.get("importance"), str)
+            else "custom",
+            "pruning_ratio": pruning_cfg.get("pruning_ratio"),
+            "target_speedup": pruning_cfg.get("target_speedup"),
+            "epochs": check_schedule_fits(cfg.pruning, cfg.trainer.get("max_epochs")),
+        },
+        "dense": {"accuracy": dense_metrics.get(metric), "metrics": dense_metrics, **dense_cost},
+        "pruned": {"accuracy": pruned_metrics.get(metric), "metrics": pruned_metrics, **pruned_cost},
+        "speedup": {
+            "macs": _ratio(dense_cost["macs"], pruned_cost["macs"]),
+            "params": _ratio(dense_cost["params"], pruned_cost["params"]),
+            "latency": {
+                bs: _ratio(t, pruned_cost["latency_s"][bs]) for bs, t in dense_cost["latency_s"].items()
+            },
+        },
+        "widths": _widths(pruning),
+        "steps": [
+            {k: r[k] for k in ("step", "epoch", "macs", "params", "speedup", "channel_ratio") if k in r}
+            for r in getattr(pruning, "records", [])
+        ],
+        "dense_epoch": snapshot.epoch,
+        "overrides": _overrides(),
+        "time_s": {"fit": fit_time},
+    }
+
+    if cfg.get("save_pruned_model", True) and _save_pruned(lit, pruning, out_dir / PRUNED_MODEL_FILE):
+        results["pruned_model"] = PRUNED_MODEL_FILE
+    results["time_s"]["total"] = time.perf_counter() - start
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+
+    if logger:
+        flat = {
+            "final/dense_acc": results["dense"]["accuracy"],
+            "final/pruned_acc": results["pruned"]["accuracy"],
+            "final/macs_speedup": results["speedup"]["macs"],
+            "final/params_speedup": results["speedup"]["params"],
+            **{f"final/latency_speedup_bs{bs}": v for bs, v in results["speedup"]["latency"].items()},
+        }
+        logger.log_metrics({k: v for k, v in flat.items() if v is not None})
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+
+    print(f"\n{results['model']} on {results['data']}: dense vs pruned\n{_format_table(results)}")
+    print(f"results: {out_dir / RESULTS_FILE} ({results['time_s']['total']:.0f} s)")
+    return results
+
+
+def _task(cfg: DictConfig) -> float | None:
+    """Hydra task: run the job; a configuration mistake prints one line to stderr and exits with status 2."""
+    try:
+        results = run(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    accuracy = results["pruned"].get("accuracy")
+    return float(accuracy) if accuracy is not None else None
+
+
+def main() -> None:
+    """Console entry point (``prune-train``): the Hydra app over ``conf/`` with the recipes registered."""
+    try:
+        config_path = conf_dir()
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    register_recipes()
+    app = hydra.main(version_base="1.3", config_path=str(config_path), config_name="config")(_task)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,678 @@
+"""Autograd tracing: run the model once and turn its autograd graph into nodes and edges.
+
+The trace needs the structure of the computation, not its values, so it first runs on the
+``meta`` device (no arithmetic, no memory for activations). Models that need real values
+(data-dependent control flow) are traced on real tensors instead. Either way the model's own
+parameters, buffers, ``requires_grad`` flags, ``.grad`` and train/eval mode are left untouched:
+the forward pass runs through :func:`torch.func.functional_call` on stand-in tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .node import Edge, Node
+from .ops import OpType, grad_fn2type, grad_fn_name, is_known_grad_fn, module2type
+from ..layers.pruners import LayerPruner, get_pruner
+
+# Modules whose inputs after the first are not channel inputs (e.g. an LSTM's initial state).
+_FIRST_INPUT_ONLY = (nn.LSTM, nn.GRU, nn.RNNBase)
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` with a tensor, a tuple/list (positional) or a dict (keyword arguments)."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    """All tensors inside a nested output: tuples, lists, dicts, dataclasses (HF ``ModelOutput``)."""
+    out: list[torch.Tensor] = []
+    stack = [obj]
+    seen: set[int] = set()
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif id(o) in seen or o is None or isinstance(o, (str, bytes, int, float, bool)):
+            continue
+        elif isinstance(o, Mapping):
+            seen.add(id(o))
+            stack.extend(reversed(list(o.values())))
+        elif isinstance(o, (tuple, list)):
+            seen.add(id(o))
+            stack.extend(reversed(o))
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            seen.add(id(o))
+            stack.extend(reversed([getattr(o, f.name) for f in dataclasses.fields(o)]))
+    return out
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a nested tuple/list/dict, keeping the structure."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return (
+            type(obj)(**{k: map_tensors(v, fn) for k, v in obj.items()})
+            if not isinstance(obj, dict)
+            else {k: map_tensors(v, fn) for k, v in obj.items()}
+        )
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def _shape(fn: Any, nr: int) -> tuple[int, ...]:
+    if hasattr(fn, "variable"):
+        return tuple(fn.variable.shape)
+    return tuple(fn._input_metadata[nr].shape)
+
+
+_BOOL_RESULT = frozenset(
+    (
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "logical_and",
+        "logical_or",
+        "logical_xor",
+        "logical_not",
+        "isnan",
+        "isinf",
+        "isfinite",
+        "signbit",
+    )
+)
+_MATMUL_OPS = {
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+}
+_SOFTMAX_OPS = {
+    torch.ops.aten._softmax.default,
+    torch.ops.aten._safe_softmax.default,
+    torch.ops.aten._log_softmax.default,
+}
+_BN_OPS = {
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten._native_batch_norm_legit.default,
+    torch.ops.aten._native_batch_norm_legit.no_stats,
+    torch.ops.aten.native_batch_norm.default,
+}
+
+
+class _ArgShapes(TorchFunctionMode):
+    """Remembers, for the autograd node each torch function creates, the shapes of all its tensor
+    arguments (autograd does not record constants: tensors that need no grad) and the innermost
+    module running at that moment (whose size attributes may describe the op). Attention runs as
+    one fused op where it can (see :func:`_fused_attention`)."""
+
+    def __init__(self, running: list[nn.Module]) -> None:
+        super().__init__()
+        self.running = running
+        self.shapes: dict[Any, list[tuple[int, ...]]] = {}
+        self.owners: dict[Any, nn.Module | None] = {}
+        self.calls: dict[Any, str] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = None
+        if func is _SDPA:
+            with contextlib.suppress(TypeError):  # arguments this torch added: run it as called
+                out = _fused_attention(*args, **(kwargs or {}))
+        if out is None:
+            out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for r in results:
+            fn = r.grad_fn if isinstance(r, torch.Tensor) else None
+            if fn is not None and fn not in self.shapes:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                tensors += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]
+                self.shapes[fn] = [tuple(t.shape) for t in tensors]
+                self.owners[fn] = self.running[-1] if self.running else None
+                self.calls[fn] = getattr(func, "__name__", "")
+        return out
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor | None:
+    """Scaled-dot-product attention as one fused CPU op, or None to run it as called.
+
+    On meta tensors (and on CPU ones when it picks its math path) torch decomposes attention
+    into a dozen ops: matmuls, softmax, head copies for grouped queries, and the add of a
+    constant mask, which the trace cannot see as such. The fused op is one node for the graph,
+    one step for the trace, and its mask argument is recorded. A mask that needs grad must stay
+    an input of the graph, so that attention keeps the decomposed form.
+    """
+    tensors = (query, key, value)
+    if any(t.dim() != 4 or t.device.type not in ("cpu", "meta") for t in tensors):
+        return None
+    if query.shape[-1] != value.shape[-1]:
+        return None
+    if attn_mask is not None and attn_mask.requires_grad:
+        return None
+    if query.shape[1] != key.shape[1] and not (enable_gqa and query.shape[1] % key.shape[1] == 0):
+        return None
+    if attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )[0]
+    except RuntimeError:  # a case the fused kernel does not take (mask dtype, layout...)
+        return None
+
+
+class _ShapeOnlyMode(TorchDispatchMode):
+    """Below autograd, answer pointwise ops and batch norm on meta tensors with an empty result of
+    the right shape and dtype instead of running their (Python) meta kernels. Autograd has
+    already recorded the op by then, which is all the trace needs."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.cat.default:
+            tensors = [t for t in args[0] if t.dim() > 1 or t.numel() > 0]
+            dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % tensors[0].dim()
+            shape = list(tensors[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in tensors)
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if func in _MATMUL_OPS:
+            a, b = args[-2], args[-1]
+            shape = (*a.shape[:-1], b.shape[-1])
+            return torch.empty(shape, dtype=torch.promote_types(a.dtype, b.dtype), device="meta")
+        if func is torch.ops.aten.convolution.default and len(args) == 9 and not kwargs:
+            out = _conv_result(*args)
+            if out is not None:
+                return out
+        if func is torch.ops.aten.native_layer_norm.default:
+            x, normalized = args[0], args[1]
+            stats = (*x.shape[: x.dim() - len(normalized)], *([1] * len(normalized)))
+            return _meta_like(x), _meta(stats, x.dtype), _meta(stats, x.dtype)
+        if func in _SOFTMAX_OPS:
+            return _meta_like(args[0])
+        if func in _BN_OPS:
+            x = args[0]
+            return _meta_like(x), _meta((x.shape[1],), torch.float32), _meta((x.shape[1],), torch.float32)
+        if torch.Tag.pointwise in func.tags and "out" not in kwargs:
+            if torch.Tag.inplace in func.tags:
+                return args[0]
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if tensors and all(t.device.type == "meta" for t in tensors):
+                shape = _broadcast_shapes([t.shape for t in tensors])
+                return torch.empty(shape, dtype=_result_dtype(func, args, tensors), device="meta")
+        return func(*args, **kwargs)
+
+
+def _meta(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _meta_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` for a meta tensor (whose own ``empty_like`` runs a slow Python
+    reference implementation)."""
+    return _meta(x.shape, x.dtype) if x.is_contiguous() else torch.empty_like(x)
+
+
+def _conv_result(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor | None:
+    """The empty result of a convolution on contiguous meta tensors (the shape formula of the
+    convolution docs); None for anything else, which then runs torch's meta kernel."""
+    k = w.dim() - 2
+    if x.device.type != "meta" or x.dim() != k + 2 or x.dtype != w.dtype:
+        return None
+    if not (x.is_contiguous() and w.is_contiguous()):
+        return None
+    if not all(len(v) == k for v in (stride, padding, dilation, output_padding)):
+        return None
+    channels = w.shape[1] * groups if transposed else w.shape[0]
+    if x.shape[1] != (w.shape[0] if transposed else w.shape[1] * groups):
+        return None  # torch's kernel names the mismatch
+    if bias is not None and tuple(bias.shape) != (channels,):
+        return None
+    spatial = []
+    for i in range(k):
+        size, kern = x.shape[2 + i], w.shape[2 + i]
+        span = dilation[i] * (kern - 1)
+        if transposed:
+            spatial.append((size - 1) * stride[i] - 2 * padding[i] + span + output_padding[i] + 1)
+        else:
+            spatial.append((size + 2 * padding[i] - span - 1) // stride[i] + 1)
+    if min(spatial, default=1) < 1:
+        return None  # let torch raise its own error
+    return _meta((x.shape[0], channels, *spatial), x.dtype)
+
+
+def _broadcast_shapes(shapes: list[torch.Size]) -> list[int]:
+    """``torch.broadcast_shapes`` for plain integer shapes, without its per-call overhead (it
+    runs for every pointwise op of the trace)."""
+    nd = max(len(s) for s in shapes)
+    out = [1] * nd
+    for s in shapes:
+        off = nd - len(s)
+        for i, d in enumerate(s):
+            cur = out[off + i]
+            if d != 1 and d != cur:
+                if cur != 1:
+                    raise RuntimeError(f"shapes {[list(x) for x in shapes]} cannot be broadcast together")
+                out[off + i] = d
+    return out
+
+
+def _result_dtype(func: Any, args: tuple, tensors: list[torch.Tensor]) -> torch.dtype:
+    """Result dtype of a pointwise op (type promotion; comparisons give bool)."""
+    if func._schema.name.split("::")[-1] in _BOOL_RESULT:
+        return torch.bool
+    dtypes = [t.dtype for t in tensors if t.dtype != torch.bool] or [torch.bool]
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    if not dtype.is_floating_point and any(isinstance(a, float) for a in args):
+        dtype = torch.get_default_dtype()
+    return dtype
+
+
+def _input_stand_in(t: torch.Tensor) -> torch.Tensor:
+    """Floating-point inputs require grad in the trace, so the graph sees where they are used
+    (their channels can never be pruned)."""
+    return t.requires_grad_(True) if t.is_floating_point() else t
+
+
+@dataclasses.dataclass
+class Trace:
+    """What the tracer found: the nodes, the module and parameter nodes by identity, and the
+    autograd op names it did not recognise."""
+
+    nodes: list[Node]
+    module_nodes: dict[nn.Module, Node]
+    param_nodes: dict[nn.Parameter, Node]
+    unknown_ops: set[str]
+    on_meta: bool
+
+
+def leaf_modules(
+    model: nn.Module,
+    customized: Mapping[type, LayerPruner] | None = None,
+) -> dict[nn.Module, tuple[str, LayerPruner]]:
+    """Modules the graph treats as single nodes: those with a pruner. Their children are not
+    visited (a module with a custom pruner is atomic)."""
+    found: dict[nn.Module, tuple[str, LayerPruner]] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        pruner = get_pruner(module, customized)
+        if pruner is not None:
+            found.setdefault(module, (prefix, pruner))
+            return
+        for name, child in module.named_children():
+            visit(child, f"{prefix}.{name}" if prefix else name)
+
+    visit(model, "")
+    return found
+
+
+def trace_model(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
+    unwrapped_parameters: Mapping[nn.Parameter, int | None] | None = None,
+    customized_pruners: Mapping[type, LayerPruner] | None = None,
+) -> Trace:
+    """Trace ``model`` on ``example_inputs`` and return its computational graph."""
+    leaves = leaf_modules(model, customized_pruners)
+    unwrapped_parameters = dict(unwrapped_parameters or {})
+    # The structure is all the graph needs: try the meta device first (no arithmetic, no activation
+    # memory) and fall back to real values only for models whose control flow reads them.
+    args = (model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves)
+    try:
+        return _trace(*args, meta=True)
+    except Exception:  # noqa: BLE001 - any failure on meta means the model needs real values
+        pass
+    return _trace(*args, meta=False)
+
+
+def _trace(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Callable | None,
+    output_transform: Callable | None,
+    unwrapped: dict[nn.Parameter, int | None],
+    leaves: dict[nn.Module, tuple[str, LayerPruner]],
+    meta: bool,
+) -> Trace:
+    module_names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    if meta:
+        stand_in = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in params.items()}
+        stand_in.update({n: torch.empty_like(b, device="meta") for n, b in buffers.items()})
+        inputs = map_tensors(example_inputs, lambda t: _input_stand_in(torch.empty_like(t, device="meta")))
+    else:
+        stand_in = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        stand_in.update({n: b.clone() for n, b in buffers.items()})
+        inputs = map_tensors(example_inputs, lambda t: _input_stand_in(t.detach()))
+    input_ids = {id(t) for t in flatten_tensors(inputs) if t.requires_grad}
+    original_param = {id(stand_in[n]): p for n, p in params.items()}
+    param_names = {p: n for n, p in params.items()}
+
+    out_fn_module: dict[Any, nn.Module] = {}
+    module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
+    running: list[nn.Module] = []  # modules whose forward is executing, innermost last
+    arg_shapes = _ArgShapes(running)
+    # Inside a layer the trace needs only what goes in and what comes out (its own ops become
+    # its node), so the argument recorder is switched off there: it is most of a trace's cost.
+    quiet: list[Any] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        running.append(module)
+        if module in leaves:
+            tensors = flatten_tensors((args, kwargs))
+            if isinstance(module, _FIRST_INPUT_ONLY):
+                tensors = tensors[:1]
+            lst = module_inputs.setdefault(module, [])
+            for t in tensors:
+                lst.append(
+                    (t.grad_fn, t.output_nr)
+                    if t.grad_fn is not None
+                    else (_leaf_fn(t), 0)
+                    if t.requires_grad
+                    else None
+                )
+            off = torch._C.DisableTorchFunction()
+            off.__enter__()
+            quiet.append(off)
+
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        running.pop()
+        if module in leaves:
+            quiet.pop().__exit__(None, None, None)
+            for t in flatten_tensors(output):
+                if t.grad_fn is not None:
+                    out_fn_module.setdefault(t.grad_fn, module)
+
+    def _leaf_fn(t: torch.Tensor) -> Any:
+        # A parameter fed straight into a module: reach its AccumulateGrad node through a view.
+        return t.view_as(t).grad_fn.next_functions[0][0]
+
+    handles = []
+    for m in module_names:
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+    runner = _Runner(model, forward_fn or call_model, inputs)
+    try:
+        with torch.enable_grad(), arg_shapes, _ShapeOnlyMode() if meta else contextlib.nullcontext():
+            out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
+            if output_transform is not None:
+                out = output_transform(out)
+    finally:
+        while quiet:  # a layer that raised never reached its post hook
+            quiet.pop().__exit__(None, None, None)
+        for h in handles:
+            h.remove()
+
+    outputs = [t for t in flatten_tensors(out) if t.grad_fn is not None]
+    if not outputs:
+        raise RuntimeError(
+            "the model's output has no tensor that depends on its parameters: "
+            "pass output_transform= to select the tensors to trace"
+        )
+
+    nodes: list[Node] = []
+    module_nodes: dict[nn.Module, Node] = {}
+    param_nodes: dict[nn.Parameter, Node] = {}
+    fn_nodes: dict[Any, Node] = {}
+    edges: dict[tuple[int, int], Edge] = {}
+    unknown: set[str] = set()
+    pending: list[Node] = []
+
+    def node_of(fn: Any) -> Node:
+        node = fn_nodes.get(fn)
+        if node is not None:
+            return node
+        module = out_fn_module.get(fn)
+        if module is not None:
+            node = module_nodes.get(module)
+            if node is None:
+                name, pruner = leaves[module]
+                node = Node(module, fn, name, _leaf_type(module, pruner), pruner)
+                module_nodes[module] = node
+                nodes.append(node)
+                pending.append(node)
+        elif hasattr(fn, "variable"):
+            param = original_param.get(id(fn.variable))
+            if param is None:
+                if id(fn.variable) not in input_ids:
+                    raise RuntimeError(
+                        "the forward pass uses a tensor that requires grad but is neither a "
+                        "model parameter nor an example input"
+                    )
+                node = Node(None, fn, "input", OpType.INPUT)
+                node.attrs.update(op="input", in_shapes=[], out_shapes=[tuple(fn.variable.shape)])
+                nodes.append(node)
+                fn_nodes[fn] = node
+                return node
+            node = param_nodes.get(param)
+            if node is None:
+                node = Node(param, fn, param_names[param], OpType.PARAMETER)
+                node.pruning_dim = unwrapped.get(param) if param in unwrapped else None
+                param_nodes[param] = node
+                nodes.append(node)
+        else:
+            op_type = grad_fn2type(fn)
+            if op_type == OpType.ELEMENTWISE and not is_known_grad_fn(fn):
+                unknown.add(grad_fn_name(fn))
+            node = Node(None, fn, grad_fn_name(fn), op_type)
+            owner = arg_shapes.owners.get(fn)
+            node.owner = owner
+            node.owner_name = module_names.get(owner) if owner is not None else None
+            nodes.append(node)
+            pending.append(node)
+        fn_nodes[fn] = node
+        return node
+
+    def edge_of(fn: Any, nr: int) -> Edge:
+        key = (id(fn), nr)
+        e = edges.get(key)
+        if e is None:
+            src = node_of(fn)
+            e = Edge(src, nr, _shape(fn, nr))
+            src.out_edges.append(e)
+            edges[key] = e
+        return e
+
+    for t in outputs:
+        edge_of(t.grad_fn, t.output_nr).is_output = True
+    while pending:
+        node = pending.pop()
+        if node.type.is_virtual:
+            srcs = node.grad_fn.next_functions
+            node.attrs["out_shapes"] = [tuple(m.shape) for m in node.grad_fn._input_metadata]
+        else:
+            srcs = module_inputs.get(node.module, [])
+        for fn_nr in srcs:
+            fn = fn_nr[0] if fn_nr is not None else None
+            if fn is None:
+                node.in_edges.append(None)
+                continue
+            e = edge_of(fn, fn_nr[1])
+            e.dsts.append((node, len(node.in_edges)))
+            node.in_edges.append(e)
+        node.attrs["in_shapes"] = [e.shape if e is not None else None for e in node.in_edges]
+        if node.type == OpType.LN and srcs and srcs[0] is not None:
+            dims = _layer_norm_channel_dims(node.grad_fn, srcs[0][0])
+            if dims is not None:
+                node.attrs["channel_dims"] = dims
+        if node.type.is_virtual:
+            _read_saved(node)
+            # Shapes of constant operands (tensors without grad): the op's own arguments.
+            node.attrs["call"] = arg_shapes.calls.get(node.grad_fn, "")
+            args = arg_shapes.shapes.get(node.grad_fn)
+            if args is not None and len(args) == len(node.in_edges):
+                node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
+            elif args is not None and node.type == OpType.ATTENTION and len(args) > 3 == len(node.in_edges):
+                # the fused op does not record a constant mask as an input: keep its shape
+                node.attrs["const_shapes"] = [None, None, None, args[3]]
+
+    for node in nodes:
+        for e in node.out_edges:
+            for dst, _ in e.dsts:
+                node.add_output(dst)
+                dst.add_input(node)
+    if not meta:
+        # Real-valued autograd nodes hold activations: keep only their names.
+        for node in nodes:
+            node.grad_fn = type(node.grad_fn).__name__
+    return Trace(nodes, module_nodes, param_nodes, unknown, meta)
+
+
+class _Runner(nn.Module):
+    """Wraps the model so that ``functional_call`` can run a user ``forward_fn`` on stand-ins."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any], inputs: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._fn, self._inputs = fn, inputs
+
+    def forward(self) -> Any:
+        return self._fn(self.model, self._inputs)
+
+
+def _leaf_type(module: nn.Module, pruner: LayerPruner) -> OpType:
+    t = module2type(module)
+    if t == OpType.ELEMENTWISE:
+        return OpType.CUSTOMIZED
+    return t
+
+
+def _layer_norm_channel_dims(out_fn: Any, in_fn: Any) -> dict[str, int] | None:
+    """Channel dimension of a LayerNorm module's input and output, read from the ops it ran.
+
+    A LayerNorm subclass may permute inside (channels-first feature maps normalised over the
+    channel dimension): following its permutes around the layer-norm op tells which dimension
+    holds the channels, which guessing by size cannot when a spatial size equals the channel
+    count. None when the module ran anything else.
+    """
+    chain: list[Any] = []
+    fn = out_fn
+    while fn is not in_fn:
+        if fn is None or len(chain) > 16:
+            return None
+        chain.append(fn)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    names = [grad_fn_name(f) for f in chain]
+    if names.count("NativeLayerNorm") != 1:
+        return None
+    at = names.index("NativeLayerNorm")
+    ndim = len(chain[at]._input_metadata[0].shape)
+
+    def perm(f: Any) -> list[int] | None:
+        name = grad_fn_name(f)
+        if name in ("Clone", "Contiguous"):
+            return list(range(ndim))
+        if name == "Permute":
+            return [d % ndim for d in _signed(f._saved_dims)]
+        if name == "Transpose":
+            p = list(range(ndim))
+            d0, d1 = _signed(f._saved_dim0) % ndim, _signed(f._saved_dim1) % ndim
+            p[d0], p[d1] = p[d1], p[d0]
+            return p
+        return None
+
+    out_dim = ndim - 1
+    for f in reversed(chain[:at]):  # ops after the layer norm, in the order they ran
+        p = perm(f)
+        if p is None:
+            return None
+        out_dim = p.index(out_dim)
+    in_dim = ndim - 1
+    for f in chain[at + 1 :]:  # ops before it, from the layer norm back to the module input
+        p = perm(f)
+        if p is None:
+            return None
+        in_dim = p[in_dim]
+    return {"in": in_dim, "out": out_dim}
+
+
+_SAVED = (
+    "dim",
+    "keepdim",
+    "split_size",
+    "split_sizes",
+    "dims",
+    "dim0",
+    "dim1",
+    "start",
+    "end",
+    "step",
+    "index",
+    "repeats",
+    "self_sym_sizes",
+)
+
+
+def _signed(value: Any) -> Any:
+    """Autograd saves some dims as unsigned 64-bit integers: turn -1 back into -1."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2**63:
+        return value - 2**64
+    if isinstance(value, tuple):
+        return tuple(_signed(v) for v in value)
+    return value
+
+
+@functools.cache
+def _saved_attrs(cls: type) -> list[tuple[str, str]]:
+    """(key, attribute) pairs of :data:`_SAVED` that an autograd node class has."""
+    return [(key, f"_saved_{key}") for key in _SAVED if hasattr(cls, f"_saved_{key}")]
+
+
+def _read_saved(node: Node) -> None:
+    """Copy the autograd node's saved scalars (dims, sizes...) that index mapping needs."""
+    fn = node.grad_fn
+    node.attrs["op"] = grad_fn_name(fn)
+    for key, attr in _saved_attrs(type(fn)):
+        try:
+            node.attrs[key] = _signed(getattr(fn, attr))
+        except RuntimeError:
+            continue
+    if grad_fn_name(fn) == "Index" and hasattr(fn, "_saved_indices"):
+        try:
+            node.attrs["indexed_dims"] = [i for i, ix in enumerate(fn._saved_indices) if ix is not None]
+        except RuntimeError:
+            node.attrs["indexed_dims"] = None
