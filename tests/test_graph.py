@@ -33,7 +33,7 @@ from prune_callbacks.reference.models import DigitsResNet, cifar_resnet, densene
 from prune_callbacks.reference.models.densenet import DenseBlock, DenseLayer, Transition
 from prune_callbacks.reference.models.resnet import BasicBlock
 from prune_callbacks.graph.ops import KNOWN_ELEMENTWISE, grad_fn2type, grad_fn_name, is_known_grad_fn
-from prune_callbacks.layers.pruners import LayerPruner, PruningFunction, get_pruning_functions
+from prune_callbacks.layers import LayerPruner, PruningFunction, get_pruning_functions
 from randnet import zero_channels
 
 # Groups that reach a model output are skipped; the current graph also warns about them (see

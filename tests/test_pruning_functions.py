@@ -12,8 +12,8 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune_callbacks.layers import pruners as pf
-from prune_callbacks.layers.pruners import (
+import prune_callbacks.layers as pf
+from prune_callbacks.layers import (
     DEFAULT_PRUNERS,
     ConvPruner,
     LayerPruner,

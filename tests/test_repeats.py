@@ -35,7 +35,7 @@ def _describe(dg: DependencyGraph, groups: list) -> list[Any]:
         attrs = [(names.get(id(m), type(m).__name__), a, o, n) for m, a, o, n in g.attribute_updates]
         maps = sorted(
             (e.src._name, e.src_pos, tuple(e.shape), m.t.flatten().tolist(), m.explicit)
-            for e, m in g._edge_maps.items()
+            for e, m in g.edge_maps.items()
         )
         out.append((items, attrs, g.head_blocks, maps))
     return out

@@ -128,10 +128,14 @@ class Group:
         items: list[GroupItem],
         graph: DependencyGraph,
         attribute_updates: list[tuple[nn.Module, str, Any, Any]] | None = None,
+        edge_maps: dict[Any, Any] | None = None,
     ) -> None:
         self._group = items
         self._DG = graph
         self.attribute_updates = attribute_updates or []
+        # The index map of every tensor the closure reached ({Edge: RootMap}): where size
+        # attributes are read from, and what shapes the graph records after the prune.
+        self.edge_maps: dict[Any, Any] = edge_maps if edge_maps is not None else {}
         # Set on attention groups: the root's channels form this many equal consecutive blocks
         # (heads, or key/value heads with their query heads); prune whole blocks or the same
         # offsets in every block.

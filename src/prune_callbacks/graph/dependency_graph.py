@@ -27,11 +27,11 @@ from .dependency import Dependency, Group, GroupItem, PruningError, snapshot
 from .index_mapping import Barrier, RootMap
 from .node import Edge, Node
 from .ops import OpType
-from ..layers.pruners import (
+from ..layers import (
     LayerPruner,
     ParameterPruner,
     PruningFunction,
-    _ParameterPruningFunction,
+    ParameterPruningFunction,
     get_pruning_functions,
     once_per_parameter,
     prune_depthwise_conv_in_channels,
@@ -172,11 +172,11 @@ class DependencyGraph:
 
     def get_out_channels(self, module: Any) -> int | None:
         node = self.get_node(module)
-        return self._channels(node, "out")
+        return self.channel_count(node, "out")
 
     def get_in_channels(self, module: Any) -> int | None:
         node = self.get_node(module)
-        return self._channels(node, "in")
+        return self.channel_count(node, "in")
 
     def get_pruning_group(self, module: Any, pruning_fn: Callable, idxs: Sequence[int]) -> Group:
         """The group of everything that must be pruned with channels ``idxs`` of ``module``
@@ -187,7 +187,7 @@ class DependencyGraph:
             raise TypeError(f"{pruning_fn!r} is not a pruning function (use e.g. prune_conv_out_channels)")
         idxs = sorted({int(i) for i in idxs})
         pruner = getattr(pruning_fn, "pruner", None)
-        n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
+        n = self.channel_count(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
         bad = [i for i in idxs if i < 0 or (n is not None and i >= n)]
         if bad:
             raise ValueError(
@@ -249,7 +249,7 @@ class DependencyGraph:
                 root_dim = (node.pruning_dim if node.pruning_dim is not None else 1) % node.module.dim()
             if _cover_key(node, "out", root_dim) in covered:
                 continue
-            n = self._channels(node, "out", root_dim)
+            n = self.channel_count(node, "out", root_dim)
             if not n or n < 2:
                 continue
             head_dim = self._head_split(node, n)
@@ -304,13 +304,13 @@ class DependencyGraph:
         # Cheap differences first (DenseNet layers grow, and each one's output has fewer readers
         # than the last): everything checked here, the correspondence would check too.
         first = template.root.dep.target
-        if any(self._channels(first, sd) != self._channels(root, sd) for sd in ("in", "out")):
+        if any(self.channel_count(first, sd) != self.channel_count(root, sd) for sd in ("in", "out")):
             return None
         if len(first.out_edges) != len(root.out_edges) or any(
             len(a.dsts) != len(b.dsts) or a.shape != b.shape for a, b in zip(first.out_edges, root.out_edges)
         ):
             return None
-        maps: dict[Edge, RootMap] = getattr(template, "_edge_maps", {})
+        maps: dict[Edge, RootMap] = template.edge_maps
         explored = {it.dep.target for it in template} | {it.dep.source for it in template}
         for e in maps:
             explored.add(e.src)
@@ -334,8 +334,7 @@ class DependencyGraph:
                 )
             )
         edge_maps = {match.edges[e]: m for e, m in maps.items()}
-        group = Group(items, self, self._attribute_updates(edge_maps))
-        group._edge_maps = edge_maps
+        group = Group(items, self, self.attribute_updates_for(edge_maps), edge_maps)
         group.head_blocks = template.head_blocks
         return group
 
@@ -357,8 +356,8 @@ class DependencyGraph:
             type(module),
             id(node.pruner),
             tuple((k, tuple(p.shape)) for k, p in module.named_parameters()),
-            self._channels(node, "out"),
-            self._channels(node, "in"),
+            self.channel_count(node, "out"),
+            self.channel_count(node, "in"),
             self._coupled(node),
             self._dw_mult(node),
             getattr(module, "data_format", None),
@@ -470,7 +469,7 @@ class DependencyGraph:
             node, fn = item.dep.target, item.dep.handler
             side = _side_of(fn)
             pruner = getattr(fn, "pruner", None)
-            n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
+            n = self.channel_count(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
             idxs = set(item.idxs)
             if n is None:
                 continue
@@ -845,14 +844,13 @@ class DependencyGraph:
             trigger = self._fn(src_node, src_side, param_dims.get(src_node))
             dep = Dependency(trigger, fn, src_node, node, rec)
             items.append(GroupItem(dep, chans, [rec[c] for c in chans]))
-        group = Group(items, self, self._attribute_updates(edge_maps))
-        group._edge_maps = edge_maps
+        group = Group(items, self, self.attribute_updates_for(edge_maps), edge_maps)
         return group
 
     def _update_shapes(self, group: Group) -> None:
         """After a prune, shrink the recorded tensor shapes so the graph stays usable."""
         shapes: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}  # maps may share tensors
-        for edge, m in getattr(group, "_edge_maps", {}).items():
+        for edge, m in group.edge_maps.items():
             key = (id(m.t), edge.shape)
             new = shapes.get(key)
             if new is None:
@@ -868,7 +866,7 @@ class DependencyGraph:
 
     @staticmethod
     def attribute_edges(edges: Iterable[Edge]) -> list[Edge]:
-        """The tensors among ``edges`` whose maps :meth:`_attribute_updates` reads (outputs of
+        """The tensors among ``edges`` whose maps :meth:`attribute_updates_for` reads (outputs of
         reshapes run by a module, inputs of splits and slices): a subset of a group's channels
         changes attributes through these only."""
         return [
@@ -878,7 +876,7 @@ class DependencyGraph:
             or any(d.type == OpType.SPLIT or d.attrs.get("op") == "Slice" for d, _ in e.dsts)
         ]
 
-    def _attribute_updates(self, edge_maps: dict[Edge, RootMap]) -> list[tuple[nn.Module, str, Any, Any]]:
+    def attribute_updates_for(self, edge_maps: dict[Edge, RootMap]) -> list[tuple[nn.Module, str, Any, Any]]:
         """Size attributes of the modules that run reshapes and splits, kept true after pruning:
         head counts, head sizes and merged sizes of attention reshapes, split sizes."""
         updates = self._reshape_attribute_updates(edge_maps)
@@ -1020,7 +1018,7 @@ class DependencyGraph:
             return True
         return self._memoized((node, "coupled"), _coupled_layer, node)
 
-    def _channels(self, node: Node, side: Side, dim: int | None = None) -> int | None:
+    def channel_count(self, node: Node, side: Side, dim: int | None = None) -> int | None:
         return self._memoized((node, side, dim), self._count_channels, node, side, dim)
 
     def _count_channels(self, node: Node, side: Side, dim: int | None) -> int | None:
@@ -1058,8 +1056,8 @@ class DependencyGraph:
         if fns is None:
             pruner = ParameterPruner(dim)
             fns = (
-                _ParameterPruningFunction(pruner, "out", "prune_parameter_out_channels"),
-                _ParameterPruningFunction(pruner, "in", "prune_parameter_in_channels"),
+                ParameterPruningFunction(pruner, "out", "prune_parameter_out_channels"),
+                ParameterPruningFunction(pruner, "in", "prune_parameter_in_channels"),
             )
             self._param_fns[key] = fns
         return fns
@@ -1074,7 +1072,7 @@ class DependencyGraph:
         if t == OpType.PARAMETER:
             dim = node.pruning_dim if node.pruning_dim is not None else param_dims.get(node)
             return dim % nd if dim is not None else None
-        size = self._channels(node, side, param_dims.get(node))
+        size = self.channel_count(node, side, param_dims.get(node))
         if t == OpType.LN and "channel_dims" in node.attrs:
             d = node.attrs["channel_dims"][side]
             return d if d < nd and shape[d] == size else None
@@ -1107,7 +1105,7 @@ class DependencyGraph:
         mult = self._dw_mult(node)
         if mult and side == "out" and rec_side == "in":
             chans, roots = _expand_blocks(chans, roots, mult)
-        n = self._channels(node, side, param_dims.get(node))
+        n = self.channel_count(node, side, param_dims.get(node))
         if n is None or size == n:
             return im.channel_map(len(edge.shape), dim, size, chans, roots)
         if node.type == OpType.LSTM and side == "out" and size % n == 0:
@@ -1137,7 +1135,7 @@ class DependencyGraph:
         if dim is None:
             return None
         size = edge.shape[dim]
-        n = self._channels(node, side) if node.type != OpType.PARAMETER else size
+        n = self.channel_count(node, side) if node.type != OpType.PARAMETER else size
         if n is not None and size != n:
             if node.type == OpType.LSTM and side == "out" and size % n == 0:
                 chans, roots = im.channels_at(m, dim, size)
@@ -1178,7 +1176,7 @@ class DependencyGraph:
             node = item.dep.target
             side = _side_of(item.dep.handler)
             pruner = getattr(item.dep.handler, "pruner", None)
-            n = self._channels(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
+            n = self.channel_count(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
             if n is not None and len(item.idxs) >= n:
                 full.add(_item_key(item))
                 if self._coupled(node) and node.type != OpType.PARAMETER:

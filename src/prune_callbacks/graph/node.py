@@ -12,7 +12,7 @@ from .ops import OpType
 
 if TYPE_CHECKING:
     from .dependency import Dependency
-    from ..layers.pruners import LayerPruner
+    from ..layers import LayerPruner
 
 _MAPPING_TYPES = {OpType.CONCAT, OpType.SPLIT, OpType.RESHAPE, OpType.PERMUTE, OpType.SLICE, OpType.EXPAND}
 

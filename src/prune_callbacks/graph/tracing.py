@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .node import Edge, Node
 from .ops import OpType, grad_fn2type, grad_fn_name, is_known_grad_fn, module2type
-from ..layers.pruners import LayerPruner, get_pruner
+from ..layers import LayerPruner, get_pruner
 
 # Modules whose inputs after the first are not channel inputs (e.g. an LSTM's initial state).
 _FIRST_INPUT_ONLY = (nn.LSTM, nn.GRU, nn.RNNBase)

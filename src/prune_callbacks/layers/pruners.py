@@ -46,6 +46,7 @@ __all__ = [
     "MultiheadAttentionPruner",
     "PReLUPruner",
     "ParameterPruner",
+    "ParameterPruningFunction",
     "PruningFunction",
     "function_by_name",
     "get_pruner",
@@ -959,7 +960,7 @@ class PruningFunction:
         return (PruningFunction, (self.pruner, self.side, self.__name__))
 
 
-class _ParameterPruningFunction(PruningFunction):
+class ParameterPruningFunction(PruningFunction):
     """Pruning function for bare Parameters, with an optional ``dim`` argument."""
 
     def __call__(self, module: nn.Module, idxs: Idxs, dim: int | None = None) -> nn.Module:
@@ -1017,7 +1018,7 @@ prune_multihead_attention_out_channels, prune_multihead_attention_in_channels = 
 )
 prune_lstm_out_channels, prune_lstm_in_channels = _pair(LSTM_PRUNER, "lstm")
 prune_parameter_out_channels, prune_parameter_in_channels = _pair(
-    PARAMETER_PRUNER, "parameter", _ParameterPruningFunction
+    PARAMETER_PRUNER, "parameter", ParameterPruningFunction
 )
 
 _PUBLIC: dict[str, PruningFunction] = {
@@ -1106,7 +1107,7 @@ def get_pruning_functions(pruner: LayerPruner) -> tuple[PruningFunction, Pruning
     cached = _CUSTOM_FUNCTIONS.get(id(pruner))
     if cached is None:
         stem = type(pruner).__name__
-        cls = _ParameterPruningFunction if isinstance(pruner, ParameterPruner) else PruningFunction
+        cls = ParameterPruningFunction if isinstance(pruner, ParameterPruner) else PruningFunction
         cached = (pruner, *_pair(pruner, stem, cls))
         _CUSTOM_FUNCTIONS[id(pruner)] = cached
     return cached[1], cached[2]

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..graph.dependency import snapshot
-from ..layers.pruners import (
+from ..layers import (
     LayerPruner,
     PruningFunction,
     function_by_name,

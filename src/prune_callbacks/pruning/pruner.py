@@ -711,7 +711,7 @@ class Pruner:
         attrs: list = []
         if group.attribute_updates:
             lut = self._value_lut(group, positions)
-            edge_maps = getattr(group, "_edge_maps", None) or {}
+            edge_maps = group.edge_maps
             edges = getattr(group, "_pc_attribute_edges", None)
             if edges is None:
                 edges = group._pc_attribute_edges = self.DG.attribute_edges(edge_maps)
@@ -720,9 +720,8 @@ class Pruner:
                 keep = lut[(m.t + 1).clamp(min=0, max=len(lut) - 1)]
                 if bool(keep.any()):
                     maps[edge] = RootMap(torch.where(keep, m.t, torch.full_like(m.t, im.KEPT)), m.explicit)
-            attrs = self.DG._attribute_updates(maps)
-        sub = Group(items, self.DG, attrs)
-        sub._edge_maps = maps
+            attrs = self.DG.attribute_updates_for(maps)
+        sub = Group(items, self.DG, attrs, maps)
         return sub
 
     # ------------------------------------------------------------------ pruning
@@ -750,8 +749,7 @@ class Pruner:
             merged_items.append(GroupItem(it.dep, idxs, idxs))
         maps = self._merged_edge_maps(plan)
         attribute_maps = {e: maps[e] for e in self.DG.attribute_edges(maps)}
-        merged = Group(merged_items, self.DG, self.DG._attribute_updates(attribute_maps))
-        merged._edge_maps = maps
+        merged = Group(merged_items, self.DG, self.DG.attribute_updates_for(attribute_maps), maps)
         return merged
 
     def _merged_edge_maps(self, plan: list[tuple[Group, list[int]]]) -> dict[Any, RootMap]:
@@ -762,7 +760,7 @@ class Pruner:
         table of the group's chosen root ids."""
         pruned: dict[Any, Tensor] = {}
         for group, positions in plan:
-            edge_maps = getattr(group, "_edge_maps", None) or {}
+            edge_maps = group.edge_maps
             if not edge_maps:
                 continue
             lut = self._value_lut(group, positions)
@@ -956,7 +954,7 @@ class Pruner:
                 if id(node.module) not in per_module:
                     continue
                 side = getattr(item.dep.handler, "side", "out")
-                size = self.DG._channels(node, side)
+                size = self.DG.channel_count(node, side)
                 if not size:
                     continue
                 mult = [0] * n

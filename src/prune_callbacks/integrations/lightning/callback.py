@@ -69,7 +69,7 @@ from ...pruning.importance import get_importance
 from ...pruning.naming import lookup, resolve_one
 from ...pruning.optim_state import check_optimizer_state, prune_optimizer_state
 from ...pruning.pruner import Pruner
-from ...layers.pruners import track_parameter_updates
+from ...layers import track_parameter_updates
 from ...pruning.schedule import SCHEDULE_KINDS
 from .summary import format_summary
 
