@@ -1,4 +1,5 @@
-"""Tests for prune_callbacks.layers.pruners: structural channel removal for every layer family."""
+"""Tests for prune_callbacks.layers: structural channel removal for every layer family, and the
+registry of layer pruners."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from prune_callbacks.layers import (
     get_pruning_functions,
     normalize_idxs,
 )
+from prune_callbacks.layers.base import CoupledPruner, define_public_functions, register_pruner
 
 FAST = settings(max_examples=20, deadline=None)
 
@@ -942,6 +944,22 @@ def test_registry_lookup(module, fn_out):
     assert out_fn is fn_out and in_fn.side == "in" and in_fn.pruner is pruner
 
 
+class _MinimalPruner(LayerPruner):
+    """Implements only the abstract methods: one channel per side, pruning does nothing."""
+
+    def out_channels(self, module):
+        return 1
+
+    def in_channels(self, module):
+        return 1
+
+    def prune_out_channels(self, module, idxs):
+        return module
+
+    def prune_in_channels(self, module, idxs):
+        return module
+
+
 def test_registry_subclass_customized_and_unknown():
     class MyConv(nn.Conv2d):
         pass
@@ -949,9 +967,8 @@ def test_registry_subclass_customized_and_unknown():
     class MyNorm(nn.BatchNorm2d):
         pass
 
-    class Custom(LayerPruner):
-        def out_channels(self, module):
-            return 1
+    class Custom(_MinimalPruner):
+        pass
 
     custom = Custom()
     assert get_pruner(MyConv(2, 2, 1)) is pf.prune_conv_out_channels.pruner
@@ -967,7 +984,7 @@ def test_registry_subclass_customized_and_unknown():
 def test_custom_pruner_functions_are_cached_and_dispatch():
     calls = []
 
-    class ScalePruner(LayerPruner):
+    class ScalePruner(_MinimalPruner):
         def prune_out_channels(self, module, idxs):
             calls.append(("out", list(idxs)))
             return module
@@ -1005,12 +1022,89 @@ def test_parameter_pruner_with_dim_gets_its_own_functions():
 
 
 def test_base_pruner_is_abstract():
-    base = LayerPruner()
-    with pytest.raises(NotImplementedError):
-        base.out_channels(nn.Identity())
-    with pytest.raises(NotImplementedError):
-        base.prune_in_channels(nn.Identity(), [0])
+    abstract = {"out_channels", "in_channels", "prune_out_channels", "prune_in_channels"}
+    assert LayerPruner.__abstractmethods__ == abstract
+    with pytest.raises(TypeError, match="abstract"):
+        LayerPruner()
+
+    class OnlyCounts(LayerPruner):
+        def out_channels(self, module):
+            return 1
+
+        def in_channels(self, module):
+            return 1
+
+    with pytest.raises(TypeError, match="prune_in_channels"):
+        OnlyCounts()
+    # A coupled pruner implements both sides from channels() and prune().
+    assert CoupledPruner.__abstractmethods__ == {"channels", "prune"}
+    with pytest.raises(TypeError, match="abstract"):
+        CoupledPruner()
+    # The non-abstract parts have defaults: no views, sides not coupled.
+    base = _MinimalPruner()
     assert base.param_views(nn.Identity(), "out") == [] and base.coupled(nn.Identity()) is False
+    assert repr(base) == "_MinimalPruner()"
+
+
+class _Gain(nn.Module):
+    """A module type the library does not know: one gain per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.arange(1.0, channels + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class _GainPruner(CoupledPruner):
+    def channels(self, module):
+        return module.gain.shape[0]
+
+    def prune(self, module, idxs):
+        removed = normalize_idxs(idxs, module.gain.shape[0], module)
+        keep = [i for i in range(module.gain.shape[0]) if i not in removed]
+        module.gain.data = module.gain.data[keep]
+        return module
+
+
+def test_register_pruner_makes_the_registry_find_it():
+    class SubGain(_Gain):
+        pass
+
+    pruner = _GainPruner()
+    assert get_pruner(_Gain(3)) is None and _Gain not in DEFAULT_PRUNERS
+    register_pruner(_Gain, pruner)
+    try:
+        assert DEFAULT_PRUNERS[_Gain] is pruner
+        assert get_pruner(_Gain(3)) is pruner and get_pruner(SubGain(3)) is pruner
+        # A customized entry still wins over a registered default.
+        other = _GainPruner()
+        assert get_pruner(_Gain(3), {_Gain: other}) is other
+        register_pruner(_Gain, pruner)  # the same pruner again: no-op
+        with pytest.raises(ValueError, match="replace=True"):
+            register_pruner(_Gain, other)
+        assert get_pruner(_Gain(3)) is pruner
+        register_pruner(_Gain, other, replace=True)
+        assert get_pruner(_Gain(3)) is other
+        out_fn, in_fn = get_pruning_functions(other)
+        assert out_fn.__name__ == "prune__GainPruner_out_channels" and in_fn.pruner is other
+        m = _Gain(4)
+        assert out_fn(m, [1]) is m and m.gain.tolist() == [1.0, 3.0, 4.0]
+    finally:
+        DEFAULT_PRUNERS.pop(_Gain, None)
+    assert get_pruner(_Gain(3)) is None
+    with pytest.raises(TypeError, match="LayerPruner instance"):
+        register_pruner(_Gain, _GainPruner)
+    with pytest.raises(TypeError, match="must be a class"):
+        register_pruner(_Gain(3), pruner)
+    assert _Gain not in DEFAULT_PRUNERS
+
+
+def test_define_public_functions_refuses_a_taken_name():
+    with pytest.raises(ValueError, match="prune_linear_out_channels"):
+        define_public_functions(LinearPruner(), "linear")
+    assert function_by_name("prune_linear_out_channels") is pf.prune_linear_out_channels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from .graph.node import Edge, Node
 from .graph.ops import OpType, module2type
 from .pruning.optim_state import prune_optimizer_state
 from .pruning.pruner import Pruner
-from .layers.pruners import *  # noqa: F403 - the low-level pruning functions are public API
-from .layers.pruners import __all__ as _pf_all
+from .layers import *  # noqa: F403 - the low-level pruning functions are public API
+from .layers import __all__ as _pf_all
 
 __all__ = [
     "BNScaleImportance",

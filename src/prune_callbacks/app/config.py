@@ -1,43 +1,68 @@
 """Checks of the app's Hydra configuration, run before anything is built or trained.
 
+The ``pruning`` group has one rulebook, :class:`~prune_callbacks.pruning.settings.PruningSettings`,
+shared with the Pruner and the Lightning callback: :class:`PruningConfig` (the settings plus Hydra's
+``_target_``) is the structured-config schema of every file in ``conf/pruning`` (so a key that is no
+pruning setting, or a value of the wrong type, is refused when the config is composed), and
+:func:`pruning_settings` validates the composed group with :meth:`PruningSettings.from_mapping`.
+What is checked here besides is what only the app knows: the last pruning epoch against
+``trainer.max_epochs``, layer names against the built model, logger packages and data directories.
+
 Every problem a user can make on the command line is reported as a :class:`ConfigError` whose message
 is one line: the key with its value, what is wrong, and the fix (for example
-``pruning.pruning_ratio=1.5: must be in (0, 1); e.g. pruning.pruning_ratio=0.5``). The app prints that
-line and exits with a non-zero status instead of showing a traceback.
+``pruning.pruning_ratio=1.5: must be in [0, 1) (...); e.g. pruning.pruning_ratio=0.5``). The app prints
+that line and exits with status 2 instead of showing a traceback.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from ..pruning.importance import IMPORTANCES
+from hydra.core.config_store import ConfigStore
+
 from ..pruning.naming import resolve_one
-from ..pruning.schedule import SCHEDULE_KINDS
+from ..pruning.settings import PruningSettings, SettingsError
 
 __all__ = [
+    "CALLBACK_TARGET",
+    "PRUNING_SCHEMA",
     "ConfigError",
+    "PruningConfig",
     "check_layer_names",
     "check_logger",
-    "check_pruning",
     "check_schedule_fits",
-    "importance_names",
-    "pruning_kwargs",
+    "error",
+    "missing_data_error",
+    "pruning_settings",
+    "register_pruning_schema",
 ]
 
+#: The class the ``pruning`` group builds by default: the Lightning callback.
+CALLBACK_TARGET = "prune_callbacks.integrations.lightning.callback.StructuredPruning"
+#: Name of the schema in the ``pruning`` config group (each ``conf/pruning/*.yaml`` lists it first in
+#: its ``defaults``).
+PRUNING_SCHEMA = "schema"
 
-def importance_names() -> tuple[str, ...]:
-    """Names of the built-in importance criteria (the registry of :mod:`prune_callbacks.pruning.importance`)."""
-    return tuple(IMPORTANCES)
+
+@dataclass
+class PruningConfig(PruningSettings):
+    """Structured-config schema of the ``pruning`` group: every :class:`PruningSettings` field, typed,
+    with its default, plus how Hydra builds the callback from it.
+
+    Hydra only reads the fields (names, types, defaults) of this class; it never instantiates it, so
+    the settings' own validation runs once, in :func:`pruning_settings`, on the composed values.
+    """
+
+    _target_: str = CALLBACK_TARGET
+    _convert_: str = "all"
 
 
-def _importance_key(name: str) -> str:
-    """A criterion name normalised the way the importance registry reads it (case and ``-`` ignored)."""
-    key = name.strip().lower().replace("-", "_")
-    return "bn_scale" if key in ("bnscale", "bn") else key
+def register_pruning_schema() -> None:
+    """Store :class:`PruningConfig` in Hydra's ConfigStore as ``pruning/schema`` (idempotent)."""
+    ConfigStore.instance().store(group="pruning", name=PRUNING_SCHEMA, node=PruningConfig)
 
 
 class ConfigError(ValueError):
@@ -60,131 +85,31 @@ def error(key: str, value: Any, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"{key}={_fmt(value)}: {problem}; {fix}")
 
 
-def _number(key: str, value: Any, example: str) -> float:
-    """``value`` as a finite float, or a ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise error(key, value, "must be a number", f"e.g. {example}")
-    return float(value)
+def pruning_settings(pruning: Mapping[str, Any]) -> PruningSettings:
+    """The composed ``pruning`` group validated by :meth:`PruningSettings.from_mapping`, keys prefixed
+    with ``pruning.``; a :class:`~prune_callbacks.pruning.settings.SettingsError` becomes a ConfigError.
 
-
-def _epoch(key: str, value: Any) -> int:
-    """``value`` as a non-negative integer epoch index, or a ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise error(key, value, "must be an epoch index (an integer >= 0)", f"e.g. {key}=2")
-    return value
-
-
-def check_pruning(pruning: Mapping[str, Any]) -> None:
-    """Check the ``pruning`` group: ratio or speedup, importance, schedule and head options.
-
-    ``pruning_ratio`` (a fraction of channels in (0, 1)) takes precedence over ``target_speedup``
-    (a MACs reduction factor > 1), so that ``pruning.pruning_ratio=0.5`` alone switches the default
-    speedup-targeted run to a ratio-targeted one; at least one of them must be set.
+    Ratio and speedup are alternatives: setting both is an error. The default config targets a
+    speedup (``target_speedup: 2.0``), so the message for that case says how to switch to a ratio run.
     """
-    ratio = pruning.get("pruning_ratio")
-    speedup = pruning.get("target_speedup")
-    if ratio is not None:
-        value = _number("pruning.pruning_ratio", ratio, "pruning.pruning_ratio=0.5")
-        if not 0.0 < value < 1.0:
-            raise error("pruning.pruning_ratio", ratio, "must be in (0, 1)", "e.g. pruning.pruning_ratio=0.5")
-    elif speedup is not None:
-        value = _number("pruning.target_speedup", speedup, "pruning.target_speedup=2.0")
-        if value <= 1.0:
+    try:
+        return PruningSettings.from_mapping(pruning, prefix="pruning.")
+    except SettingsError as exc:
+        ratio, speedup = pruning.get("pruning_ratio"), pruning.get("target_speedup")
+        if exc.key == "pruning.target_speedup" and ratio is not None and speedup is not None:
             raise error(
                 "pruning.target_speedup",
                 speedup,
-                "must be > 1 (the factor by which MACs shrink)",
-                "e.g. pruning.target_speedup=2.0",
-            )
-    else:
-        raise error(
-            "pruning.pruning_ratio",
-            None,
-            "neither pruning.pruning_ratio nor pruning.target_speedup is set",
-            "set one, e.g. pruning.pruning_ratio=0.5 or pruning.target_speedup=2.0",
-        )
-
-    importance = pruning.get("importance", "taylor")
-    if isinstance(importance, str):
-        names = importance_names()
-        if _importance_key(importance) not in names:
-            close = difflib.get_close_matches(_importance_key(importance), names, n=1)
-            hint = f"did you mean pruning.importance={close[0]}? " if close else ""
-            raise error(
-                "pruning.importance",
-                importance,
-                "unknown importance",
-                f"{hint}choose one of {', '.join(names)} (or a _target_ of your own Importance class)",
-            )
-    elif not (isinstance(importance, Mapping) and "_target_" in importance):
-        raise error(
-            "pruning.importance",
-            importance,
-            "must be a name or a config with _target_",
-            "e.g. pruning.importance=taylor",
-        )
-
-    schedule = pruning.get("schedule", "linear")
-    if isinstance(schedule, str) and schedule not in (*SCHEDULE_KINDS, "exponential"):
-        raise error(
-            "pruning.schedule", schedule, "unknown schedule", f"choose one of {', '.join(SCHEDULE_KINDS)}"
-        )
-
-    head_ratio = pruning.get("head_pruning_ratio")
-    if head_ratio is not None:
-        value = _number("pruning.head_pruning_ratio", head_ratio, "pruning.head_pruning_ratio=0.5")
-        if not 0.0 <= value < 1.0:
-            raise error(
-                "pruning.head_pruning_ratio",
-                head_ratio,
-                "must be in [0, 1)",
-                "e.g. pruning.head_pruning_ratio=0.25",
-            )
-
-    round_to = pruning.get("round_to")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise error(
-            "pruning.round_to", round_to, "must be a positive integer or null", "e.g. pruning.round_to=8"
-        )
+                f"is set together with pruning.pruning_ratio={_fmt(ratio)}; they are alternatives",
+                "for a ratio run add pruning.target_speedup=null (or use pruning=taylor_ratio), "
+                "for a speedup run pruning.pruning_ratio=null",
+            ) from None
+        raise ConfigError(str(exc)) from None
 
 
-def pruning_epochs(pruning: Mapping[str, Any]) -> list[int]:
-    """The epochs after which the callback prunes: ``epochs``, or ``start_epoch..end_epoch`` every n."""
-    epochs = pruning.get("epochs")
-    if epochs is not None:
-        if isinstance(epochs, int) and not isinstance(epochs, bool):
-            epochs = [epochs]
-        if not isinstance(epochs, Sequence) or isinstance(epochs, str) or not epochs:
-            raise error(
-                "pruning.epochs", epochs, "must be a non-empty list of epochs", "e.g. pruning.epochs=[2,4,6]"
-            )
-        values = [_epoch("pruning.epochs", e) for e in epochs]
-        if sorted(set(values)) != values:
-            raise error(
-                "pruning.epochs", epochs, "must be strictly increasing", "e.g. pruning.epochs=[2,4,6]"
-            )
-        return values
-    start = _epoch("pruning.start_epoch", pruning.get("start_epoch", 0))
-    end = pruning.get("end_epoch")
-    end = start if end is None else _epoch("pruning.end_epoch", end)
-    every = pruning.get("every_n_epochs", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise error(
-            "pruning.every_n_epochs", every, "must be an integer >= 1", "e.g. pruning.every_n_epochs=1"
-        )
-    if end < start:
-        raise error(
-            "pruning.end_epoch",
-            end,
-            f"is before pruning.start_epoch={start}",
-            f"set pruning.end_epoch>={start}",
-        )
-    return list(range(start, end + 1, every))
-
-
-def check_schedule_fits(pruning: Mapping[str, Any], max_epochs: Any) -> list[int]:
+def check_schedule_fits(settings: PruningSettings, max_epochs: Any) -> list[int]:
     """Check that every pruning epoch happens before ``trainer.max_epochs``; return the pruning epochs."""
-    epochs = pruning_epochs(pruning)
+    epochs = settings.prune_epochs()
     if max_epochs is None or max_epochs == -1:
         return epochs
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
@@ -199,14 +124,6 @@ def check_schedule_fits(pruning: Mapping[str, Any], max_epochs: Any) -> list[int
             f"set trainer.max_epochs>={epochs[-1] + 1} (more to fine-tune after it) or prune earlier",
         )
     return epochs
-
-
-def pruning_kwargs(pruning: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``pruning`` group as callback arguments, with ``pruning_ratio`` taking precedence over speedup."""
-    kwargs = dict(pruning)
-    if kwargs.get("pruning_ratio") is not None and "target_speedup" in kwargs:
-        kwargs["target_speedup"] = None
-    return kwargs
 
 
 def check_layer_names(

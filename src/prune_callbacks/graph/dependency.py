@@ -1,96 +1,36 @@
-"""Pruning dependencies and groups.
+"""Pruning groups.
 
-A :class:`Dependency` says "pruning ``source`` with ``trigger`` forces ``target`` to be pruned
-with ``handler``". A :class:`Group` is the ordered list of (dependency, indices) pairs that
-must be applied together; its first entry is the root. Pruning a group is atomic.
+A :class:`~.node.Dependency` says "pruning ``source`` with ``trigger`` forces ``target`` to be
+pruned with ``handler``". A :class:`Group` is the ordered list of (dependency, indices) pairs that
+must be applied together; its first entry is the root. Pruning a group is atomic: it goes
+through the graph that made the group (:class:`GroupGraph`), which checks it, applies it and
+restores everything (:func:`snapshot`) if a layer fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
-from .node import Node
+from .index_mapping import RootMap
+from .node import Dependency, Edge, fn_name
 
-if TYPE_CHECKING:
-    from .dependency_graph import DependencyGraph
-
-
-class Dependency:
-    """Edge of the dependency graph: ``trigger`` on ``source`` implies ``handler`` on ``target``.
-
-    ``index_mapping`` is a pair of callables: the first maps indices of the group's root to this
-    dependency's target indices, the second maps target indices back to the root. It may be given
-    as the target's ``{channel: root channel}`` dict instead; the pair is then made on first use
-    (a group has one dependency per layer and most are never asked).
-    """
-
-    def __init__(
-        self,
-        trigger: Callable,
-        handler: Callable,
-        source: Node,
-        target: Node,
-        index_mapping: tuple[Callable, Callable] | Mapping[int, int] | None = None,
-    ) -> None:
-        self.trigger = trigger
-        self.handler = handler
-        self.source = source
-        self.target = target
-        self._index_mapping = index_mapping if index_mapping is not None else (_identity, _identity)
-
-    @property
-    def index_mapping(self) -> tuple[Callable, Callable]:
-        m = self._index_mapping
-        if isinstance(m, Mapping):
-            m = self._index_mapping = (_RootToTarget(m), _TargetToRoot(m))
-        return m
-
-    def __call__(self, idxs: Sequence[int]) -> Any:
-        """Apply the handler to the target module."""
-        return self.handler(self.target.module, idxs)
-
-    def is_triggered_by(self, pruning_fn: Callable) -> bool:
-        return self.trigger is pruning_fn
-
-    def __repr__(self) -> str:
-        return (
-            f"[{self.source.name}] {_fn_name(self.trigger)} => [{self.target.name}] {_fn_name(self.handler)}"
-        )
+#: A size-attribute change a group makes: ``(object, attribute, old value, new value)``.
+#: Attributes in angle brackets (``<chunks>``, ``<literal split>``, ``<literal slice>``,
+#: ``<shared>``) are notes for the checks, never set.
+AttributeUpdate = tuple[Any, str, Any, Any]
 
 
-def _identity(idxs: Sequence[int]) -> list[int]:
-    return list(idxs)
+class GroupGraph(Protocol):
+    """What a group needs from the graph that made it: a subset group of its root, and the
+    atomic prune (the graph checks the group, applies it and records history)."""
 
+    def get_pruning_group(self, module: Any, pruning_fn: Callable, idxs: Sequence[int]) -> Group: ...
 
-class _RootToTarget:
-    """Index mapping of a dependency: root indices -> the target's indices."""
-
-    __slots__ = ("rec",)
-
-    def __init__(self, rec: Mapping[int, int]) -> None:
-        self.rec = rec
-
-    def __call__(self, idxs: Sequence[int]) -> list[int]:
-        wanted = set(idxs)
-        return sorted(c for c, r in self.rec.items() if r in wanted)
-
-
-class _TargetToRoot(_RootToTarget):
-    """Index mapping of a dependency: the target's indices -> root indices."""
-
-    __slots__ = ()
-
-    def __call__(self, idxs: Sequence[int]) -> list[int]:
-        rec = self.rec
-        return sorted({rec[i] for i in idxs if i in rec})
-
-
-def _fn_name(fn: Callable) -> str:
-    return getattr(fn, "__name__", repr(fn))
+    def prune_group(self, group: Group, record_history: bool = True) -> None: ...
 
 
 class GroupItem:
@@ -121,50 +61,53 @@ class PruningError(RuntimeError):
 
 
 class Group:
-    """Every (layer, channel indices) pair that must be removed together, root first."""
+    """Every (layer, channel indices) pair that must be removed together, root first.
+
+    Fields: ``items`` (root first); ``graph``, the graph that made the group (it builds subset
+    groups and prunes); ``attribute_updates``, the size attributes the prune changes;
+    ``edge_maps``, the index map of every tensor the closure reached (``{Edge: RootMap}``: where
+    size attributes are read from, and what shapes the graph records after the prune);
+    ``head_blocks``, set on attention groups: the root's channels form this many equal
+    consecutive blocks (heads, or key/value heads with their query heads), to be pruned as whole
+    blocks or at the same offsets in every block. The fields are fixed (``__slots__``).
+    """
+
+    __slots__ = ("items", "graph", "attribute_updates", "edge_maps", "head_blocks")
 
     def __init__(
         self,
         items: list[GroupItem],
-        graph: DependencyGraph,
-        attribute_updates: list[tuple[nn.Module, str, Any, Any]] | None = None,
-        edge_maps: dict[Any, Any] | None = None,
+        graph: GroupGraph,
+        attribute_updates: list[AttributeUpdate] | None = None,
+        edge_maps: dict[Edge, RootMap] | None = None,
+        head_blocks: int | None = None,
     ) -> None:
-        self._group = items
-        self._DG = graph
-        self.attribute_updates = attribute_updates or []
-        # The index map of every tensor the closure reached ({Edge: RootMap}): where size
-        # attributes are read from, and what shapes the graph records after the prune.
-        self.edge_maps: dict[Any, Any] = edge_maps if edge_maps is not None else {}
-        # Set on attention groups: the root's channels form this many equal consecutive blocks
-        # (heads, or key/value heads with their query heads); prune whole blocks or the same
-        # offsets in every block.
-        self.head_blocks: int | None = None
+        self.items = items
+        self.graph = graph
+        self.attribute_updates: list[AttributeUpdate] = attribute_updates or []
+        self.edge_maps: dict[Edge, RootMap] = edge_maps if edge_maps is not None else {}
+        self.head_blocks = head_blocks
 
     def __len__(self) -> int:
-        return len(self._group)
+        return len(self.items)
 
     def __iter__(self) -> Iterator[GroupItem]:
-        return iter(self._group)
+        return iter(self.items)
 
     def __getitem__(self, k: int) -> GroupItem:
-        return self._group[k]
-
-    @property
-    def items(self) -> list[GroupItem]:
-        return self._group
+        return self.items[k]
 
     @property
     def root(self) -> GroupItem:
-        return self._group[0]
+        return self.items[0]
 
     def has_dep(self, dep: Dependency) -> bool:
-        return any(item.dep is dep for item in self._group)
+        return any(item.dep is dep for item in self.items)
 
     def has_pruning_op(self, dep: Dependency, idxs: Sequence[int]) -> bool:
         return any(
             item.dep.target is dep.target and item.dep.handler is dep.handler and set(idxs) <= set(item.idxs)
-            for item in self._group
+            for item in self.items
         )
 
     def prune(self, idxs: Sequence[int] | None = None, record_history: bool = True) -> None:
@@ -173,16 +116,16 @@ class Group:
         attribute is restored and :class:`PruningError` names the layer that failed."""
         if idxs is not None:
             root = self.root.dep
-            group = self._DG.get_pruning_group(root.target.module, root.handler, idxs)
+            group = self.graph.get_pruning_group(root.target.module, root.handler, idxs)
             group.prune(record_history=record_history)
             return
-        self._DG._prune_group(self, record_history)
+        self.graph.prune_group(self, record_history)
 
     def details(self) -> str:
         """A readable table of the group: one row per layer, root first."""
         width = 100
         lines = ["-" * width, " " * 38 + "Pruning Group", "-" * width]
-        for i, item in enumerate(self._group):
+        for i, item in enumerate(self.items):
             dep = item.dep
             tag = "(root)" if i == 0 else ""
             lines.append(f"[{i}] {dep!r}, #idxs={len(item.idxs)} {tag}".rstrip())
@@ -203,40 +146,57 @@ def snapshot(targets: Sequence[Any]) -> Callable[[], None]:
     Pruning only ever swaps tensors (it never writes into storage), so keeping references to
     the old tensors is enough to restore them bit for bit.
     """
-    saved_params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
-    saved_modules: list[tuple[nn.Module, dict, dict, dict]] = []
-    saved_objects: list[tuple[Any, dict]] = []
-    seen: set[int] = set()
-
-    def keep_param(p: nn.Parameter) -> None:
-        if id(p) not in seen:
-            seen.add(id(p))
-            saved_params.append((p, p.data, p.grad))
-
+    saved = Snapshot()
     for t in targets:
-        if id(t) in seen:
-            continue
-        if isinstance(t, nn.Parameter):
-            keep_param(t)
-            continue
-        seen.add(id(t))
-        if not isinstance(t, nn.Module):
-            if hasattr(t, "__dict__"):
-                saved_objects.append((t, dict(vars(t))))
-            continue
-        for sub in t.modules():
-            plain = {k: v for k, v in vars(sub).items() if k not in ("_parameters", "_buffers", "_modules")}
-            saved_modules.append((sub, plain, dict(sub._parameters), dict(sub._buffers)))
-            for p in sub._parameters.values():
-                if p is not None:
-                    keep_param(p)
+        saved.keep(t)
+    return saved.restore
 
-    def restore() -> None:
-        for p, data, grad in saved_params:
+
+_MODULE_STATE = ("_parameters", "_buffers", "_modules")
+
+
+class Snapshot:
+    """What :func:`snapshot` keeps: per parameter its tensor and gradient, per module (and
+    submodule) its plain attributes, parameters and buffers, per other object its attributes."""
+
+    __slots__ = ("params", "modules", "objects", "seen")
+
+    def __init__(self) -> None:
+        self.params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+        self.modules: list[tuple[nn.Module, dict, dict, dict]] = []
+        self.objects: list[tuple[Any, dict]] = []
+        self.seen: set[int] = set()
+
+    def keep(self, target: Any) -> None:
+        """Remember ``target`` (a parameter, a module with its submodules, or a plain object)."""
+        if id(target) in self.seen:
+            return
+        if isinstance(target, nn.Parameter):
+            self._keep_param(target)
+            return
+        self.seen.add(id(target))
+        if isinstance(target, nn.Module):
+            for sub in target.modules():
+                plain = {k: v for k, v in vars(sub).items() if k not in _MODULE_STATE}
+                self.modules.append((sub, plain, dict(sub._parameters), dict(sub._buffers)))
+                for p in sub._parameters.values():
+                    if p is not None:
+                        self._keep_param(p)
+        elif hasattr(target, "__dict__"):
+            self.objects.append((target, dict(vars(target))))
+
+    def _keep_param(self, p: nn.Parameter) -> None:
+        if id(p) not in self.seen:
+            self.seen.add(id(p))
+            self.params.append((p, p.data, p.grad))
+
+    def restore(self) -> None:
+        """Put everything back as it was when it was kept."""
+        for p, data, grad in self.params:
             p.data = data
             p.grad = grad
-        for sub, plain, params, buffers in saved_modules:
-            for k in [k for k in vars(sub) if k not in ("_parameters", "_buffers", "_modules")]:
+        for sub, plain, params, buffers in self.modules:
+            for k in [k for k in vars(sub) if k not in _MODULE_STATE]:
                 if k not in plain:
                     delattr(sub, k)
             vars(sub).update(plain)
@@ -244,9 +204,10 @@ def snapshot(targets: Sequence[Any]) -> Callable[[], None]:
             sub._parameters.update(params)
             sub._buffers.clear()
             sub._buffers.update(buffers)
-        for obj, plain in saved_objects:
+        for obj, plain in self.objects:
             for k in [k for k in vars(obj) if k not in plain]:
                 delattr(obj, k)
             vars(obj).update(plain)
 
-    return restore
+
+__all__ = ["AttributeUpdate", "Dependency", "Group", "GroupGraph", "GroupItem", "PruningError", "Snapshot", "snapshot"]

@@ -1,8 +1,11 @@
-"""Graph vertices: one :class:`Node` per pruning-relevant module, parameter or autograd op,
-and one :class:`Edge` per tensor flowing between them."""
+"""Graph elements: one :class:`Node` per pruning-relevant module, parameter or autograd op,
+one :class:`Edge` per tensor flowing between them, and one :class:`Dependency` per pruning
+dependency between two nodes (a node lists the dependencies that start at it, so the two live
+in one module)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,13 +14,12 @@ import torch.nn as nn
 from .ops import OpType
 
 if TYPE_CHECKING:
-    from .dependency import Dependency
     from ..layers import LayerPruner
 
 _MAPPING_TYPES = {OpType.CONCAT, OpType.SPLIT, OpType.RESHAPE, OpType.PERMUTE, OpType.SLICE, OpType.EXPAND}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Edge:
     """A tensor produced by ``src`` (its output ``src_pos``) and read by ``dsts``."""
 
@@ -38,15 +40,34 @@ class Node:
 
     ``inputs``/``outputs`` are the computational neighbours; ``dependencies`` the pruning
     dependencies that start here. ``in_edges``/``out_edges`` hold the tensors (with shapes)
-    that connect it, which is what index mapping works on.
+    that connect it, which is what index mapping works on. ``plain_name`` is the module or
+    parameter name (the op name for a virtual op, ``input`` for the input).
     """
+
+    __slots__ = (
+        "module",
+        "grad_fn",
+        "plain_name",
+        "type",
+        "pruner",
+        "inputs",
+        "outputs",
+        "in_edges",
+        "out_edges",
+        "dependencies",
+        "pruning_dim",
+        "enable_index_mapping",
+        "owner",
+        "owner_name",
+        "attrs",
+    )
 
     def __init__(
         self, module: Any, grad_fn: Any, name: str, op_type: OpType, pruner: LayerPruner | None = None
     ) -> None:
         self.module = module
         self.grad_fn = grad_fn
-        self._name = name
+        self.plain_name = name
         self.type = op_type
         self.pruner = pruner
         self.inputs: list[Node] = []
@@ -54,7 +75,7 @@ class Node:
         self.in_edges: list[Edge | None] = []
         self.out_edges: list[Edge] = []
         self.dependencies: list[Dependency] = []
-        self.pruning_dim: int = -1
+        self.pruning_dim: int | None = -1
         self.enable_index_mapping = op_type in _MAPPING_TYPES
         self.owner: nn.Module | None = None
         self.owner_name: str | None = None
@@ -66,7 +87,12 @@ class Node:
         kind = type(self.module).__name__ if not self.type.is_virtual else self.type.name.lower()
         if self.type == OpType.PARAMETER:
             kind = f"Parameter{list(self.module.shape)}"
-        return f"{self._name} ({kind})"
+        return f"{self.plain_name} ({kind})"
+
+    @property
+    def _name(self) -> str:
+        """Former name of :attr:`plain_name`, kept for callers not yet switched to it."""
+        return self.plain_name
 
     @property
     def is_module(self) -> bool:
@@ -105,3 +131,88 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node: {self.name}>"
+
+
+IndexMapping = tuple[Callable[[Sequence[int]], list[int]], Callable[[Sequence[int]], list[int]]]
+
+
+class Dependency:
+    """Edge of the dependency graph: ``trigger`` on ``source`` implies ``handler`` on ``target``.
+
+    ``index_mapping`` is a pair of callables: the first maps indices of the group's root to this
+    dependency's target indices, the second maps target indices back to the root. It may be given
+    as the target's ``{channel: root channel}`` dict instead; the pair is then made on first use
+    (a group has one dependency per layer and most are never asked).
+    """
+
+    __slots__ = ("trigger", "handler", "source", "target", "_index_mapping")
+
+    def __init__(
+        self,
+        trigger: Callable,
+        handler: Callable,
+        source: Node,
+        target: Node,
+        index_mapping: IndexMapping | Mapping[int, int] | None = None,
+    ) -> None:
+        self.trigger = trigger
+        self.handler = handler
+        self.source = source
+        self.target = target
+        self._index_mapping: IndexMapping | Mapping[int, int] = (
+            index_mapping if index_mapping is not None else (_identity, _identity)
+        )
+
+    @property
+    def index_mapping(self) -> IndexMapping:
+        m = self._index_mapping
+        if isinstance(m, Mapping):
+            m = self._index_mapping = (_RootToTarget(m), _TargetToRoot(m))
+        return m
+
+    def retargeted(self, trigger: Callable, handler: Callable, source: Node, target: Node) -> Dependency:
+        """The same index mapping between other ends: the counterpart of this dependency in a
+        repeated block (the channel-to-root record is shared, not copied)."""
+        return Dependency(trigger, handler, source, target, self._index_mapping)
+
+    def __call__(self, idxs: Sequence[int]) -> Any:
+        """Apply the handler to the target module."""
+        return self.handler(self.target.module, idxs)
+
+    def is_triggered_by(self, pruning_fn: Callable) -> bool:
+        return self.trigger is pruning_fn
+
+    def __repr__(self) -> str:
+        return f"[{self.source.name}] {fn_name(self.trigger)} => [{self.target.name}] {fn_name(self.handler)}"
+
+
+def fn_name(fn: Callable) -> str:
+    """Name of a pruning function (its ``__name__``, else its repr)."""
+    return getattr(fn, "__name__", repr(fn))
+
+
+def _identity(idxs: Sequence[int]) -> list[int]:
+    return list(idxs)
+
+
+class _RootToTarget:
+    """Index mapping of a dependency: root indices -> the target's indices."""
+
+    __slots__ = ("rec",)
+
+    def __init__(self, rec: Mapping[int, int]) -> None:
+        self.rec = rec
+
+    def __call__(self, idxs: Sequence[int]) -> list[int]:
+        wanted = set(idxs)
+        return sorted(c for c, r in self.rec.items() if r in wanted)
+
+
+class _TargetToRoot(_RootToTarget):
+    """Index mapping of a dependency: the target's indices -> root indices."""
+
+    __slots__ = ()
+
+    def __call__(self, idxs: Sequence[int]) -> list[int]:
+        rec = self.rec
+        return sorted({rec[i] for i in idxs if i in rec})
