@@ -63,10 +63,10 @@ from prune_callbacks import (
     count_macs_and_params,
     measure_latency,
 )
-from prune_callbacks.reference.data import DigitsDataModule
-from prune_callbacks.reference.tasks import ImageClassifier
-from prune_callbacks.reference.models import DigitsResNet
 from prune_callbacks.pruning.schedule import ratio_schedule
+from prune_callbacks.reference.data import DigitsDataModule
+from prune_callbacks.reference.models import DigitsResNet
+from prune_callbacks.reference.tasks import ImageClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy_digits.json"
 METHODS = ("dense", "lightning", "torch_pruning", "ours")

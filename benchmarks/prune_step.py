@@ -45,8 +45,8 @@ import torch.nn as nn
 
 from prune_callbacks.measure.flops import count_macs_and_params
 from prune_callbacks.pruning.importance import MagnitudeImportance
-from prune_callbacks.reference.models import densenet201_like, resnet50_like
 from prune_callbacks.pruning.pruner import Pruner
+from prune_callbacks.reference.models import densenet201_like, resnet50_like
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_step.json"
 

@@ -47,22 +47,28 @@ class RandNet(nn.Module):
         return feats[-1]
 
 
-@st.composite
-def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
-    """A random CNN (eval mode) and an input batch."""
-    torch.manual_seed(draw(st.integers(0, 2**16)))
-    in_ch, hw = 3, draw(st.sampled_from([4, 6]))
-    chans = [in_ch]
-    layers = nn.ModuleDict()
-    program: list[tuple] = []
-    counter = [0]
+class _Builder:
+    """The state of one :func:`random_cnn` draw: channels per feature map, layers, program."""
 
-    def new_name() -> str:
-        counter[0] += 1
-        return f"l{counter[0]}"
+    def __init__(self, draw: st.DrawFn, in_ch: int) -> None:
+        self.draw = draw
+        self.chans = [in_ch]
+        self.layers = nn.ModuleDict()
+        self.program: list[tuple] = []
+        self.counter = 0
 
-    def conv(src: int, out: int | None = None) -> int:
-        c = chans[src]
+    def new_name(self) -> str:
+        self.counter += 1
+        return f"l{self.counter}"
+
+    def feature(self, channels: int) -> int:
+        """A new feature map with ``channels`` channels; its index."""
+        self.chans.append(channels)
+        return len(self.chans) - 1
+
+    def conv_module(self, c: int, out: int | None) -> nn.Conv2d:
+        """A random convolution from ``c`` channels (to ``out`` when given)."""
+        draw = self.draw
         kind = draw(st.sampled_from(["plain", "plain", "grouped", "depthwise"]))
         forced = out
         if out is None:
@@ -78,8 +84,13 @@ def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
             mod = nn.Conv2d(c, out, 3, padding=1, groups=2)
         if mod is None:
             mod = nn.Conv2d(c, out, draw(st.sampled_from([1, 3])), padding="same", bias=draw(st.booleans()))
-        seq = [mod]
-        if draw(st.booleans()):
+        return mod
+
+    def conv(self, src: int, out: int | None = None) -> int:
+        """A conv (+ maybe BatchNorm) + ReLU layer on feature ``src``; the new feature's index."""
+        mod = self.conv_module(self.chans[src], out)
+        seq: list[nn.Module] = [mod]
+        if self.draw(st.booleans()):
             bn = nn.BatchNorm2d(mod.out_channels)
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 1.5)
@@ -87,58 +98,73 @@ def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
             bn.bias.data.uniform_(-0.5, 0.5)
             seq.append(bn)
         seq.append(nn.ReLU())
-        name = new_name()
-        layers[name] = nn.Sequential(*seq)
-        program.append(("layer", src, name))
-        chans.append(mod.out_channels)
-        return len(chans) - 1
+        name = self.new_name()
+        self.layers[name] = nn.Sequential(*seq)
+        self.program.append(("layer", src, name))
+        return self.feature(mod.out_channels)
 
-    cur = conv(0)
+    def residual(self, cur: int) -> int:
+        branch = self.conv(cur, out=self.chans[cur])
+        self.program.append(("add", cur, branch))
+        return self.feature(self.chans[cur])
+
+    def concat(self, cur: int, twice: bool) -> int:
+        """A conv on ``cur`` concatenated to it (and, ``twice``, a conv of that conv after)."""
+        chans = self.chans
+        other = self.conv(cur)
+        self.program.append(("cat", [cur, other]))
+        cur = self.feature(chans[cur] + chans[other])
+        if twice:
+            third = self.conv(other)
+            self.program.append(("cat", [cur, third]))
+            cur = self.feature(chans[cur] + chans[third])
+        return cur
+
+    def split(self, cur: int, then_cat: bool) -> int:
+        """A split of ``cur`` in two, a conv on the first part, then the second part concatenated
+        to it (``then_cat``) or a conv of the second part added to it."""
+        chans = self.chans
+        a = self.draw(st.integers(2, chans[cur] - 2))
+        name = self.new_name()
+        self.layers[name] = SplitSizes([a, chans[cur] - a])
+        self.program.append(("split", cur, name))
+        chans.extend([a, chans[cur] - a])
+        first, second = len(chans) - 2, len(chans) - 1
+        left = self.conv(first)
+        if then_cat:
+            self.program.append(("cat", [second, left]))
+            return self.feature(chans[second] + chans[left])
+        right = self.conv(second, out=chans[left])
+        self.program.append(("add", left, right))
+        return self.feature(chans[left])
+
+
+@st.composite
+def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
+    """A random CNN (eval mode) and an input batch."""
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    in_ch, hw = 3, draw(st.sampled_from([4, 6]))
+    b = _Builder(draw, in_ch)
+    cur = b.conv(0)
     for _ in range(draw(st.integers(1, 5))):
         op = draw(st.sampled_from(["conv", "residual", "concat", "split", "split_cat", "cat_cat"]))
         if op == "conv":
-            cur = conv(cur)
+            cur = b.conv(cur)
         elif op == "residual":
-            branch = conv(cur, out=chans[cur])
-            program.append(("add", cur, branch))
-            chans.append(chans[cur])
-            cur = len(chans) - 1
+            cur = b.residual(cur)
         elif op in ("concat", "cat_cat"):
-            other = conv(cur)
-            program.append(("cat", [cur, other]))
-            chans.append(chans[cur] + chans[other])
-            cur = len(chans) - 1
-            if op == "cat_cat":
-                third = conv(other)
-                program.append(("cat", [cur, third]))
-                chans.append(chans[cur] + chans[third])
-                cur = len(chans) - 1
-        elif op in ("split", "split_cat") and chans[cur] >= 4:
-            a = draw(st.integers(2, chans[cur] - 2))
-            name = new_name()
-            layers[name] = SplitSizes([a, chans[cur] - a])
-            program.append(("split", cur, name))
-            chans.extend([a, chans[cur] - a])
-            first, second = len(chans) - 2, len(chans) - 1
-            left = conv(first)
-            if op == "split_cat":
-                program.append(("cat", [second, left]))
-                chans.append(chans[second] + chans[left])
-            else:
-                right = conv(second, out=chans[left])
-                program.append(("add", left, right))
-                chans.append(chans[left])
-            cur = len(chans) - 1
-    head_name = new_name()
+            cur = b.concat(cur, twice=op == "cat_cat")
+        elif op in ("split", "split_cat") and b.chans[cur] >= 4:
+            cur = b.split(cur, then_cat=op == "split_cat")
+    head_name = b.new_name()
     hidden = draw(st.integers(3, 10))
-    layers[head_name] = nn.Sequential(nn.Flatten(), nn.Linear(chans[cur] * hw * hw, hidden), nn.ReLU())
-    program.append(("layer", cur, head_name))
-    out_name = new_name()
-    layers[out_name] = nn.Linear(hidden, 5)
-    chans.append(hidden)
-    program.append(("layer", len(chans) - 1, out_name))
-    chans.append(5)
-    model = RandNet(program, layers).eval()
+    b.layers[head_name] = nn.Sequential(nn.Flatten(), nn.Linear(b.chans[cur] * hw * hw, hidden), nn.ReLU())
+    b.program.append(("layer", cur, head_name))
+    out_name = b.new_name()
+    b.layers[out_name] = nn.Linear(hidden, 5)
+    b.program.append(("layer", b.feature(hidden), out_name))
+    b.feature(5)
+    model = RandNet(b.program, b.layers).eval()
     x = torch.randn(2, in_ch, hw, hw)
     return model, x
 

@@ -21,16 +21,20 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prune_callbacks.app import train
-from prune_callbacks.reference.data import DigitsDataModule, TextDataModule
+from prune_callbacks.app.config import PruningConfig
+from prune_callbacks.app.help import pruning_key_help, yaml_summary
+from prune_callbacks.app.report import collect, write_report
 from prune_callbacks.measure.flops import count_macs_and_params
 from prune_callbacks.pruning.history import load_pruned
-from prune_callbacks.reference.tasks import CausalLM, ImageClassifier
+from prune_callbacks.pruning.settings import PruningSettings
+from prune_callbacks.reference.data import DigitsDataModule, TextDataModule
 from prune_callbacks.reference.models import DigitsResNet, TinyLlama
-from prune_callbacks.app.report import collect, write_report
+from prune_callbacks.reference.tasks import CausalLM, ImageClassifier
 
 # Two tiny epochs, a prune after each, two batches per epoch, a short latency measurement.
 TINY = [
@@ -109,9 +113,11 @@ def test_every_recipe_composes_and_builds(recipe: str, capsys: pytest.CaptureFix
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     model = instantiate(cfg.model)
     assert isinstance(model, torch.nn.Module)
-    epochs = train.check_schedule_fits(cfg.pruning, cfg.trainer.max_epochs)
+    settings = train.pruning_settings(cfg.pruning)  # the one rulebook accepts every recipe
+    epochs = train.check_schedule_fits(settings, cfg.trainer.max_epochs)
     assert epochs[-1] < cfg.trainer.max_epochs
-    train.check_pruning(cfg.pruning)
+    # --cfg job shows exactly what is passed to the callback: every setting, nothing else.
+    assert set(printed.pruning) == {*PruningSettings().as_dict(), "_target_", "_convert_"}
     # The recipe's comment says what it reproduces and what to expect.
     text = (train.recipes_dir() / f"{recipe}.yaml").read_text()
     assert "Reproduces" in text and "Expect" in text
@@ -134,9 +140,11 @@ def test_every_group_option_composes(group: str, option: str) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if group == "pruning":
         callback = instantiate(cfg.pruning)
+        settings = train.pruning_settings(cfg.pruning)
         assert callback.importance is not None and callback.prune_epochs == train.check_schedule_fits(
-            cfg.pruning, cfg.trainer.max_epochs
+            settings, cfg.trainer.max_epochs
         )
+        assert OmegaConf.get_type(cfg.pruning) is PruningConfig  # the schema types every option
     elif group == "logger":
         logger = resolved.get("logger")
         assert not logger if option == "none" else logger["_target_"].startswith("lightning.pytorch.loggers.")
@@ -154,7 +162,50 @@ def test_default_pruning_targets_2x_macs_with_taylor() -> None:
     cfg = compose_recipe(None)
     assert cfg.pruning.importance == "taylor" and cfg.pruning.target_speedup == 2.0
     assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.offline is True
-    assert len(train.check_schedule_fits(cfg.pruning, cfg.trainer.max_epochs)) > 1  # iterative
+    settings = train.pruning_settings(cfg.pruning)
+    assert len(train.check_schedule_fits(settings, cfg.trainer.max_epochs)) > 1  # iterative
+
+
+def test_ratio_option_replaces_the_speedup() -> None:
+    cfg = compose_recipe(None, ["pruning=taylor_ratio", "pruning.pruning_ratio=0.3"])
+    assert cfg.pruning.pruning_ratio == 0.3 and cfg.pruning.target_speedup is None
+    assert cfg.pruning.importance == "taylor"
+    default = compose_recipe(None).pruning
+    assert (cfg.pruning.start_epoch, cfg.pruning.end_epoch) == (default.start_epoch, default.end_epoch)
+    # 0 is a valid ratio: the dense point of a sweep.
+    zero_cfg = compose_recipe(None, ["pruning=taylor_ratio", "pruning.pruning_ratio=0"])
+    zero = train.pruning_settings(zero_cfg.pruning)
+    assert zero.pruning_ratio == 0.0 and zero.target_speedup is None
+
+
+def test_schema_types_the_pruning_group() -> None:
+    with pytest.raises(ConfigCompositionException, match="pruning_ratio"):
+        compose_recipe(None, ["pruning.pruning_ratio=half"])
+    with pytest.raises(ConfigCompositionException, match="pruning_rato"):
+        compose_recipe(None, ["pruning.pruning_rato=0.5"])
+    cfg = compose_recipe(None, ["pruning.global_pruning=true", "pruning.round_to=8"])
+    assert cfg.pruning.global_pruning is True and cfg.pruning.round_to == 8
+
+
+def test_help_lists_groups_options_and_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_app(["--help"])
+    assert not exc.value.code
+    out = capsys.readouterr().out
+    for group, option in GROUP_OPTIONS:
+        assert f"{group}: " in out
+        path = train.conf_dir() / group / f"{option}.yaml"
+        assert f"  {option}" in out and yaml_summary(path).split()[0] in out
+    for recipe in train.recipes_dir().glob("*.yaml"):
+        assert f"  {recipe.stem}" in out
+    assert "digits_resnet *" in out and "taylor *" in out  # the defaults are marked
+    described = " ".join(keys for keys, _ in pruning_key_help())
+    keys_section = out.split("== Pruning keys")[1].split("== Other keys")[0]
+    for name in PruningSettings().as_dict():  # every setting is explained (epochs' entry names the range)
+        assert name in described or name in keys_section
+    assert "fraction of every group's channels removed" in out
+    assert "pruning=taylor_ratio" in out and "latency.{batch_sizes,warmup,repeats,threads}" in out
 
 
 # ---------------------------------------------------------------------------------------------- lit modules
@@ -198,10 +249,36 @@ def test_causal_lm_perplexity_is_exp_loss() -> None:
 # ---------------------------------------------------------------------------------------------- bad config
 
 
+RATIO_BOUNDS_ERROR = (
+    "error: pruning.pruning_ratio=1.5: must be in [0, 1) (the fraction of every group's channels to remove); "
+    "e.g. pruning.pruning_ratio=0.5"
+)
+
+
 def test_bad_ratio_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = app_error([*DIGITS_TINY, "pruning.pruning_ratio=1.5", f"output_dir={tmp_path}"], capsys)
-    assert line == "error: pruning.pruning_ratio=1.5: must be in (0, 1); e.g. pruning.pruning_ratio=0.5"
+    args = [*DIGITS_TINY, "pruning=taylor_ratio", "pruning.pruning_ratio=1.5", f"output_dir={tmp_path}"]
+    assert app_error(args, capsys) == RATIO_BOUNDS_ERROR
     assert not (tmp_path / "results.json").exists()
+
+
+def test_ratio_with_the_default_speedup_says_how_to_switch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = app_error([*DIGITS_TINY, "pruning.pruning_ratio=0.5", f"output_dir={tmp_path}"], capsys)
+    assert line.startswith(
+        "error: pruning.target_speedup=2.0: is set together with pruning.pruning_ratio=0.5; "
+        "they are alternatives; "
+    )
+    assert "pruning.target_speedup=null" in line and "pruning=taylor_ratio" in line
+    assert "pruning.pruning_ratio=null" in line
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_settings_errors_come_from_the_one_rulebook(capsys: pytest.CaptureFixture[str]) -> None:
+    line = app_error([*DIGITS_TINY, "pruning.schedule=fast"], capsys)
+    with pytest.raises(ValueError) as info:
+        PruningSettings.from_mapping({"schedule": "fast"}, prefix="pruning.")
+    assert line == f"error: {info.value}"
 
 
 def test_unknown_importance_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,6 +316,12 @@ def test_single_run_writes_consistent_results(tmp_path: Path, capsys: pytest.Cap
     results = json.loads((tmp_path / "results.json").read_text())
     for row in ("accuracy (val/acc)", "MACs", "parameters", "CPU latency, batch 1", "CPU latency, batch 4"):
         assert row in out
+    assert "DigitsResNet on DigitsDataModule: dense vs pruned" in out and "results: " in out
+    # Progress and results go through logging: Hydra's job log holds them too.
+    (job_log,) = tmp_path.glob("outputs/*/*/train.log")
+    log_text = job_log.read_text()
+    assert "pruning: taylor importance, 2.00x fewer MACs" in log_text
+    assert "dense vs pruned" in log_text and "CPU latency, batch 4" in log_text
 
     example = torch.zeros(1, 1, 8, 8)
     dense_macs, dense_params = count_macs_and_params(DigitsResNet(width=8), example)
@@ -271,17 +354,19 @@ def test_single_run_writes_consistent_results(tmp_path: Path, capsys: pytest.Cap
     assert (run_dir / "files" / "config_resolved.yaml").read_text() == resolved
     (log_file,) = run_dir.glob("*.wandb")
     data = log_file.read_bytes()
-    assert b"prune_callbacks.integrations.lightning.callback.StructuredPruning" in data and b"final/macs_speedup" in data
+    assert b"prune_callbacks.integrations.lightning.callback.StructuredPruning" in data
+    assert b"final/macs_speedup" in data
 
 
 def test_multirun_two_points_and_report(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    run_app(["-m", "pruning.pruning_ratio=0.25,0.6", f"hydra.sweep.dir={sweep}", *DIGITS_TINY])
+    ratios = ["pruning=taylor_ratio", "pruning.pruning_ratio=0.25,0.6"]
+    run_app(["-m", *ratios, f"hydra.sweep.dir={sweep}", *DIGITS_TINY])
     rows = collect(sweep)
     assert len(rows) == 2
     by_ratio = {r["pruning"]["pruning_ratio"]: r for r in rows}
     assert set(by_ratio) == {0.25, 0.6}
-    assert all(r["pruning"]["target_speedup"] is None for r in rows)  # the ratio replaces the speedup
+    assert all(r["pruning"]["target_speedup"] is None for r in rows)  # taylor_ratio: no speedup target
     low, high = by_ratio[0.25], by_ratio[0.6]
     macs = [high["pruned"]["macs"], low["pruned"]["macs"], low["dense"]["macs"]]
     assert macs == sorted(set(macs))  # more pruning, fewer MACs
@@ -355,13 +440,12 @@ def test_recipe_runs_one_step(recipe: str, tmp_path: Path) -> None:
 @pytest.mark.slow  # a fresh interpreter importing torch and Lightning: about 10 s
 def test_module_entry_point_subprocess(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "prune_callbacks.train", *DIGITS_TINY, "pruning.pruning_ratio=0"],
+        [sys.executable, "-m", "prune_callbacks.train", *DIGITS_TINY, "pruning=taylor_ratio"]
+        + ["pruning.pruning_ratio=1.5"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=240,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: pruning.pruning_ratio=0: must be in (0, 1); e.g. pruning.pruning_ratio=0.5"
-    )
+    assert proc.stderr.strip().splitlines()[-1] == RATIO_BOUNDS_ERROR

@@ -20,107 +20,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from prune_callbacks.integrations.lightning.callback import HISTORY_KEY, StructuredPruning, pruned_from_checkpoint
+from helpers import LitNet, TinyCNN
+from helpers import cpu_trainer as _trainer
+from helpers import random_loader as _data
+from prune_callbacks.integrations.lightning.callback import (
+    HISTORY_KEY,
+    StructuredPruning,
+    pruned_from_checkpoint,
+)
+from prune_callbacks.integrations.lightning.summary import format_summary
 from prune_callbacks.measure.flops import count_macs_and_params
 from prune_callbacks.pruning.history import load_pruned
 from prune_callbacks.pruning.importance import TaylorImportance
-from prune_callbacks.integrations.lightning.summary import format_summary
+from prune_callbacks.pruning.pruner import Pruner
+from prune_callbacks.pruning.settings import PruningSettings, SettingsError
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers.*",
-    "ignore:.*cannot be pruned and are skipped.*",
-    "ignore:.*is deprecated.*",
-    "ignore:.*smaller than the logging interval.*",
-    "ignore:.*but have no `val_dataloader`.*",
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TinyCNN(nn.Module):
-    def __init__(self, bn: bool = True, width: int = 16) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width) if bn else nn.Identity()
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(width) if bn else nn.Identity()
-        self.fc = nn.Linear(width, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-class LitNet(pl.LightningModule):
-    def __init__(
-        self,
-        optimizer: str = "sgd",
-        example: bool = True,
-        bn: bool = True,
-        scheduler: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.model = TinyCNN(bn=bn)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.training_steps = 0
-        if example:
-            self.example_input_array = torch.randn(1, 3, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        self.training_steps += 1
-        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.validation_loss = F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> Any:
-        if self.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
-        else:
-            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        if not self.scheduler:
-            return opt
-        return {
-            "optimizer": opt,
-            "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
-        }
-
-
-def _data(n: int = 64, batch_size: int = 16, seed: int = 1) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    ds = TensorDataset(torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 4, (n,), generator=gen))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
-
-
-def _trainer(root: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    opts: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(root),
-        max_epochs=2,
-    )
-    opts.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **opts)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings(
+        "ignore:.*does not have many workers.*",
+        "ignore:.*cannot be pruned and are skipped.*",
+        "ignore:.*is deprecated.*",
+        "ignore:.*smaller than the logging interval.*",
+        "ignore:.*but have no `val_dataloader`.*",
+        "ignore:.*the last steps will not run.*",
+    ),
+]
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -518,28 +443,91 @@ def test_missing_example_input_is_a_clear_error_before_training(tmp_path: Path) 
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2, float("nan")])
-def test_ratio_outside_open_unit_interval_is_refused(ratio: float) -> None:
-    with pytest.raises(ValueError, match=r"pruning_ratio must be in \(0, 1\)"):
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.2, float("nan")])
+def test_ratio_outside_unit_interval_is_refused(ratio: float) -> None:
+    # PruningSettings' rule: a ratio is in [0, 1) (0 prunes nothing by itself; it was refused before)
+    with pytest.raises(SettingsError, match=r"pruning_ratio=\S+: must be (a number )?in \[0, 1\)"):
         StructuredPruning(pruning_ratio=ratio)
+
+
+def test_ratio_zero_is_accepted() -> None:
+    assert StructuredPruning(pruning_ratio=0.0).settings.pruning_ratio == 0.0
+
+
+def test_string_ratio_is_refused_with_the_pruners_message() -> None:
+    with pytest.raises(SettingsError) as from_callback:
+        StructuredPruning(pruning_ratio="0.5")
+    model = TinyCNN()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(SettingsError) as from_pruner:
+        Pruner(model, torch.randn(1, 3, 8, 8), "l1", pruning_ratio="0.5")
+    assert str(from_callback.value) == str(from_pruner.value)
+    assert str(from_callback.value).startswith("pruning_ratio=0.5: must be a number in [0, 1)")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"target_speedup": 0.8}, "target_speedup must be a number > 1"),
-        ({"pruning_ratio": 0.5, "target_speedup": 2.0}, "not both"),
+        ({"target_speedup": 0.8}, r"target_speedup=0.8: must be a number > 1"),
+        ({"pruning_ratio": 0.5, "target_speedup": 2.0}, "they are alternatives"),
         ({"schedule": "quadratic"}, "unknown schedule"),
         ({"epochs": [3, 1]}, "strictly increasing"),
         ({"start_epoch": 4, "end_epoch": 2}, "before start_epoch"),
-        ({"epochs": [1, 2], "schedule": [0.5]}, "one cumulative ratio per pruning epoch"),
+        ({"epochs": [1, 2], "schedule": [0.5]}, "gives 1 ratios but epochs gives 2 pruning epochs"),
+        ({"epochs": [1, 2], "iterative_steps": 3}, "gives 3 steps but epochs gives 2 pruning epochs"),
         ({"importance": "tayler"}, "unknown importance"),
         ({"importance_batches": 0}, "importance_batches"),
+        ({"pruner_kwargs": {"round_to": 8}}, r"pruner_kwargs\[round_to\]=8: is a pruning setting"),
+        ({"pruner_kwargs": {"forward_func": None}}, r"is not a Pruner argument; did you mean forward_fn\?"),
+        ({"settings": PruningSettings(), "start_epoch": -1}, "start_epoch=-1: must be an epoch index"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    # the messages are PruningSettings' (key=value: problem; fix), the same in the Pruner and the app
+    with pytest.raises(SettingsError, match=message):
         StructuredPruning(**kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["agp", "exponential", "cubic"])
+def test_schedule_aliases_are_accepted(tmp_path: Path, schedule: str) -> None:
+    cb = StructuredPruning("magnitude", pruning_ratio=0.5, epochs=[0, 1], schedule=schedule, verbose=False)
+    module = LitNet()
+    _trainer(tmp_path, [cb], max_epochs=2).fit(module, _data())
+    assert cb.settings.schedule == ("exp" if schedule == "exponential" else "cubic")
+    assert cb.pruner is not None and cb.pruner.iterative_steps == 2
+    assert module.model.conv1.out_channels == 8  # the schedule ends at the ratio
+
+
+def test_settings_object_and_iterative_steps() -> None:
+    settings = PruningSettings(importance="l1", pruning_ratio=0.25, iterative_steps=3, start_epoch=2)
+    cb = StructuredPruning(settings=settings)
+    assert cb.settings is settings and cb.prune_epochs == [2, 3, 4]
+    # options passed as well replace the settings' values (as in the Pruner); the settings are kept
+    changed = StructuredPruning(settings=settings, start_epoch=5, verbose=False)
+    assert changed.prune_epochs == [5, 6, 7] and changed.settings.importance == "l1"
+    assert settings.start_epoch == 2 and settings.verbose
+    assert StructuredPruning(iterative_steps=2, every_n_epochs=2).prune_epochs == [0, 2]
+    assert StructuredPruning(schedule=[0.2, 0.4, 0.5], start_epoch=1).prune_epochs == [1, 2, 3]
+
+
+def test_hooks_are_marked_as_overrides() -> None:
+    hooks = (
+        "setup",
+        "teardown",
+        "on_fit_start",
+        "on_train_batch_start",
+        "on_before_optimizer_step",
+        "on_train_epoch_end",
+        "on_fit_end",
+        "on_save_checkpoint",
+        "state_dict",
+        "load_state_dict",
+    )
+    for name in hooks:
+        assert getattr(getattr(StructuredPruning, name), "__override__", False), name
+        assert hasattr(pl.Callback, name), name
+    assert getattr(StructuredPruning.state_key.fget, "__override__", False)
 
 
 def test_sharded_strategy_is_refused_before_training(tmp_path: Path) -> None:
@@ -658,3 +646,140 @@ def test_resume_from_checkpoint_saved_before_the_epochs_prune(tmp_path: Path) ->
     assert [r["epoch"] for r in cb.records] == [None, 0, 1]
     for k, v in full.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), f"{k} differs after resume"
+
+
+# ---------------------------------------------------------------------------------------------- state keys
+
+
+def _count_equal(obj: Any, value: Any) -> int:
+    """How many times ``value`` occurs (by equality) anywhere inside nested dicts and lists."""
+    if isinstance(obj, (list, tuple)) and obj == value:
+        return 1
+    if isinstance(obj, dict):
+        return sum(_count_equal(v, value) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_count_equal(v, value) for v in obj)
+    return 0
+
+
+def test_history_is_stored_once_per_checkpoint(tmp_path: Path) -> None:
+    cb = StructuredPruning("l1", pruning_ratio=0.5, epochs=[0], verbose=False)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_last=True)
+    trainer = _trainer(tmp_path, [cb, ckpt_cb], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(LitNet(), _data())
+    path = str(tmp_path / "after.ckpt")
+    trainer.save_checkpoint(path)
+    for file in (path, str(tmp_path / "ckpts" / "last.ckpt")):
+        raw = torch.load(file, weights_only=True)
+        assert raw[HISTORY_KEY] == cb.history and len(cb.history) >= 1
+        assert _count_equal(raw, cb.history) == 1, "the history must be stored exactly once"
+        state = raw["callbacks"][cb.state_key]
+        assert "history" not in state and state["history_key"] == HISTORY_KEY
+
+
+def test_checkpoint_with_history_in_callback_state_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints of earlier versions: the callback state under the bare class name, holding the
+    history (and no top-level history key)."""
+
+    def run(max_epochs: int, module: LitNet, ckpt: str | None = None) -> tuple[pl.Trainer, StructuredPruning]:
+        pl.seed_everything(0)
+        cb = StructuredPruning("taylor", pruning_ratio=0.5, epochs=[0, 2], verbose=False)
+        trainer = _trainer(tmp_path, [cb], max_epochs=max_epochs)
+        trainer.fit(module, _data(), ckpt_path=ckpt)
+        return trainer, cb
+
+    full = LitNet(optimizer="adam")
+    run(4, full)
+    trainer, cb = run(1, LitNet(optimizer="adam"))
+    old = str(tmp_path / "old.ckpt")
+    trainer.save_checkpoint(old)
+    raw = torch.load(old, weights_only=True)
+    state = raw["callbacks"].pop(cb.state_key)
+    state["history"] = raw.pop(HISTORY_KEY)
+    state["version"] = 1
+    del state["history_key"]
+    raw["callbacks"]["StructuredPruning"] = state
+    torch.save(raw, old)
+
+    assert _shapes(load_pruned(LitNet(seed=4), pruned_from_checkpoint(old))) != _shapes(LitNet())
+    fresh = LitNet(optimizer="adam", seed=11)
+    with warnings.catch_warnings():
+        # the old state is adopted: no "add the callbacks" warning, no "written with pruning epochs"
+        warnings.simplefilter("error", UserWarning)
+        for ignored in ("many workers", "smaller than the logging interval", "no `val_dataloader`"):
+            warnings.filterwarnings("ignore", f".*{ignored}.*")
+        _, resumed = run(4, fresh, old)
+    assert [r["epoch"] for r in resumed.records] == [None, 0, 2]
+    for k, v in full.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), f"{k} differs after resume"
+
+
+def test_two_callbacks_on_disjoint_parts_coexist_and_resume(tmp_path: Path) -> None:
+    def callbacks() -> list[StructuredPruning]:
+        first = StructuredPruning(
+            "l2", pruning_ratio=0.5, epochs=[0], ignored_layers=["conv2"], verbose=False
+        )
+        second = StructuredPruning(
+            "magnitude", pruning_ratio=0.25, epochs=[0, 1], ignored_layers=["conv1"], verbose=False
+        )
+        return [first, second]
+
+    def run(max_epochs: int, module: LitNet, ckpt: str | None = None) -> tuple[pl.Trainer, list]:
+        pl.seed_everything(0)
+        cbs = callbacks()
+        trainer = _trainer(tmp_path, cbs, max_epochs=max_epochs)
+        trainer.fit(module, _data(), ckpt_path=ckpt)
+        return trainer, cbs
+
+    full = LitNet()
+    _, (a, b) = run(3, full)
+    assert a.state_key != b.state_key
+    assert not (a.pruned_layers & b.pruned_layers)
+    # both pruned after epoch 0: the second traced the model again after the first one's prune
+    assert full.model.conv1.out_channels == 8 and full.model.conv2.in_channels == 8
+    assert full.model.conv2.out_channels == 12
+    assert [r["epoch"] for r in a.records] == [None, 0] and [r["epoch"] for r in b.records] == [None, 0, 1]
+    assert a.history == b.history  # one history per module, in prune order
+
+    trainer, (a1, b1) = run(1, LitNet())
+    path = str(tmp_path / "two.ckpt")
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)
+    assert {a1.state_key, b1.state_key} <= set(raw["callbacks"])
+    fresh = LitNet(seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, (a2, b2) = run(3, fresh, path)
+    assert [r["epoch"] for r in b2.records] == [None, 0, 1]
+    assert _shapes(fresh) == _shapes(full)
+    for k, v in full.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), f"{k} differs after resume"
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ({"importance": "l1", "epochs": [1], "ignored_layers": ["fc"]}, "would prune the same layers"),
+        ({"importance": "taylor", "epochs": [0], "ignored_layers": ["conv1"]}, "gradient criterion"),
+    ],
+)
+def test_conflicting_callbacks_are_refused_before_training(
+    tmp_path: Path, second: dict[str, Any], message: str
+) -> None:
+    module = LitNet()
+    before = copy.deepcopy(module.state_dict())
+    first = StructuredPruning("l1", pruning_ratio=0.5, epochs=[0], verbose=False)
+    other = StructuredPruning(pruning_ratio=0.5, verbose=False, **second)
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, [first, other], max_epochs=2).fit(module, _data())
+    assert module.training_steps == 0
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_callbacks_with_the_same_state_key_are_refused_by_lightning(tmp_path: Path) -> None:
+    """Same ignored_layers: the same groups, and the same state key; Lightning refuses the pair."""
+    first = StructuredPruning("l1", pruning_ratio=0.5, epochs=[0], verbose=False)
+    second = StructuredPruning("l2", pruning_ratio=0.25, epochs=[1], verbose=False)
+    assert first.state_key == second.state_key
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        _trainer(tmp_path, [first, second])

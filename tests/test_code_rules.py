@@ -1,7 +1,7 @@
 """The codebase's own rules, checked on the source: layering, privacy across modules, long functions.
 
-``lint-imports`` (import-linter, contracts in pyproject.toml) checks the layers and cycles in CI; the tests here
-walk the source with :mod:`ast` so that the rules also hold when only pytest runs.
+``lint-imports`` (import-linter, contracts in pyproject.toml) checks the layers and cycles in CI; the
+tests here walk the source with :mod:`ast` so that the rules also hold when only pytest runs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ PKG = ROOT / "src" / "prune_callbacks"
 #: Lowest layer first: a module may import its own layer and the layers before it.
 LAYERS = ["layers", "graph", "measure", "pruning", "integrations", "app"]
 #: Third-party packages the core layers must never import.
-NOT_IN_CORE = {"lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "sklearn", "torchmetrics", "rich"}
+NOT_IN_CORE = {
+    "lightning",
+    "pytorch_lightning",
+    "hydra",
+    "omegaconf",
+    "wandb",
+    "sklearn",
+    "torchmetrics",
+    "rich",
+}
 LONG_FUNCTION = 60
 
 
@@ -34,7 +43,7 @@ def _modules() -> list[tuple[Path, str]]:
 
 
 def _imports(path: Path, module: str) -> list[tuple[str, list[str], int]]:
-    """(imported module, imported names, line) for every import statement of a file, relative ones resolved."""
+    """(imported module, imported names, line) of every import of a file (relative ones resolved)."""
     tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = []
@@ -100,7 +109,7 @@ def test_no_private_names_imported_across_modules() -> None:
 
 
 def test_no_private_functions_of_imported_modules_called() -> None:
-    """``mod._helper(...)`` where ``mod`` is one of our modules imported by name is another module's private."""
+    """``mod._helper(...)``, ``mod`` one of our modules imported by name: another module's private."""
     bad = []
     for path, module in _modules():
         tree = ast.parse(path.read_text(), str(path))
@@ -110,7 +119,9 @@ def test_no_private_functions_of_imported_modules_called() -> None:
                 aliases.update(names)
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                aliases.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("prune"))
+                aliases.update(
+                    (a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("prune")
+                )
             elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("prune")):
                 aliases.update(a.asname or a.name for a in node.names)
         for node in ast.walk(tree):
@@ -138,10 +149,14 @@ def test_long_functions_have_docstrings() -> None:
     assert not bad, "\n".join(bad)
 
 
-LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which(
+    "lint-imports"
+)
 
 
 @pytest.mark.skipif(LINT_IMPORTS is None, reason="import-linter not installed")
 def test_import_contracts() -> None:
-    proc = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

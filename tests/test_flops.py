@@ -134,3 +134,41 @@ def test_measure_latency_positive() -> None:
     assert 0.0 < latency < 1.0
     with pytest.raises(ValueError):
         measure_latency(model, torch.randn(8, 32), repeats=0)
+
+
+def test_measure_latency_keeps_threads_and_counts_calls() -> None:
+    """Timed with torch.utils.benchmark.Timer at torch's current thread count (not Timer's default
+    of one), which is left as it was; every timed call is preceded by at least ``warmup`` calls."""
+    calls = []
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.get_num_threads())
+        return model(x)
+
+    threads = torch.get_num_threads()
+    model = nn.Linear(4, 4)
+    assert measure_latency(model, torch.randn(2, 4), warmup=5, repeats=3, forward_fn=forward) > 0
+    assert torch.get_num_threads() == threads and set(calls) == {threads}
+    # 5 calls before the first timed one (the Timer's own two included), then two untimed calls
+    # before each further timed one
+    assert len(calls) == 5 + 1 + (3 - 1) * 3
+
+
+def test_eval_no_grad_is_public() -> None:
+    from prune_callbacks.measure.flops import eval_no_grad
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    model.train()
+    with eval_no_grad(model):
+        assert not model.training and not torch.is_grad_enabled()
+    assert model.training and model[1].training
+
+
+def test_count_module_macs_per_submodule() -> None:
+    from prune_callbacks.measure.flops import count_module_macs
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    total, per = count_module_macs(model, x)
+    assert total == count_macs_and_params(model, x)[0] == 5 * (4 * 8 + 8 * 3)
+    assert per == {"": total, "0": 5 * 4 * 8, "2": 5 * 8 * 3}

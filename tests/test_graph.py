@@ -19,21 +19,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prune_callbacks as pc
-from prune_callbacks import (
-    Dependency,
-    DependencyGraph,
-    Group,
-    GroupItem,
-    Node,
-    OpType,
-    PruningError,
+import prune_callbacks.layers as pcl
+from prune_callbacks import DependencyGraph, Group, PruningError
+from prune_callbacks.graph import Dependency, GroupItem, Node, OpType
+from prune_callbacks.graph.ops import (
+    KNOWN_ELEMENTWISE,
+    grad_fn2type,
+    grad_fn_name,
+    is_known_grad_fn,
     module2type,
 )
+from prune_callbacks.layers import LayerPruner, PruningFunction, get_pruning_functions
 from prune_callbacks.reference.models import DigitsResNet, cifar_resnet, densenet
 from prune_callbacks.reference.models.densenet import DenseBlock, DenseLayer, Transition
 from prune_callbacks.reference.models.resnet import BasicBlock
-from prune_callbacks.graph.ops import KNOWN_ELEMENTWISE, grad_fn2type, grad_fn_name, is_known_grad_fn
-from prune_callbacks.layers import LayerPruner, PruningFunction, get_pruning_functions
 from randnet import zero_channels
 
 # Groups that reach a model output are skipped; the current graph also warns about them (see
@@ -296,7 +295,7 @@ def test_node_fields_and_details() -> None:
         assert dep.target in node.inputs + node.outputs
         assert dep.trigger.side in ("out", "in")
     triggers = {dep.trigger for dep in node.dependencies}
-    assert triggers == {pc.prune_conv_out_channels, pc.prune_conv_in_channels}
+    assert triggers == {pc.prune_conv_out_channels, pcl.prune_conv_in_channels}
     text = node.details()
     assert "d (Conv2d)" in text and "CONV" in text
     assert "inputs:" in text and "outputs:" in text and "dependencies:" in text
@@ -327,7 +326,7 @@ def test_dependency_fields_and_index_mapping_pair() -> None:
         item = by_target[module]
         assert item.idxs == [4, 5, 6, 7, 8] and item.root_idxs == [0, 1, 2, 3, 4]
         dep = item.dep
-        assert dep.handler is pc.prune_conv_in_channels
+        assert dep.handler is pcl.prune_conv_in_channels
         assert dep.target is dg.get_node(module)
         assert dep.source.is_module and dep.trigger.side in ("out", "in")
         to_target, to_root = dep.index_mapping
@@ -436,7 +435,7 @@ def test_build_with_positional_and_keyword_inputs(form: str) -> None:
         assert len(dg.get_node(module).inputs) == 1
         assert dg.get_node(module).inputs[0].type is OpType.INPUT
         with pytest.raises(ValueError, match="model input"):
-            dg.get_pruning_group(module, pc.prune_conv_in_channels, [0])
+            dg.get_pruning_group(module, pcl.prune_conv_in_channels, [0])
     group.prune(idxs=[1, 2, 3])
     assert model(image, extra).shape == (1, 4, 5, 5)
     assert model.a.out_channels == model.b.out_channels == model.c.in_channels == 5
@@ -1335,8 +1334,8 @@ def test_model_input_feeding_a_depthwise_conv_cannot_be_pruned() -> None:
     dw = model[0]
     assert dg.get_node(dw).type is OpType.DEPTHWISE_CONV
     for fn, idxs in (
-        (pc.prune_depthwise_conv_out_channels, [0, 1]),
-        (pc.prune_depthwise_conv_in_channels, [0]),
+        (pcl.prune_depthwise_conv_out_channels, [0, 1]),
+        (pcl.prune_depthwise_conv_in_channels, [0]),
         (pc.prune_conv_out_channels, [2, 3]),
     ):
         with pytest.raises(ValueError, match="model input"):
@@ -1359,7 +1358,7 @@ def test_depthwise_conv_couples_its_input_and_output() -> None:
     # Input channel 1 of the depthwise conv owns its output channels 2 and 3.
     assert got[("3", "in")] == [2, 3]
     # Asking for output channel 2 alone grows to its whole block: the same group.
-    from_out = dg.get_pruning_group(model[1], pc.prune_depthwise_conv_out_channels, [2])
+    from_out = dg.get_pruning_group(model[1], pcl.prune_depthwise_conv_out_channels, [2])
     assert items_by_name(from_out, model)[("0", "out")] == [1]
     assert items_by_name(from_out, model)[("3", "in")] == [2, 3]
     sub.prune()
@@ -1512,7 +1511,7 @@ def test_tied_weights_are_pruned_together() -> None:
     model = TiedLM()
     ids = torch.randint(0, 10, (2, 5))
     dg = build(model, ids)
-    group = dg.get_pruning_group(model.emb, pc.prune_embedding_out_channels, [0, 1])
+    group = dg.get_pruning_group(model.emb, pcl.prune_embedding_out_channels, [0, 1])
     assert dg.check_pruning_group(group)
     group.prune()
     assert model.emb.weight is model.out.weight and model.out.in_features == 6
@@ -1643,7 +1642,7 @@ def test_other_layer_families_prune_and_run(factory: Callable, make_input: Calla
 def test_bidirectional_lstm_maps_both_directions() -> None:
     model = RecurrentModel()
     dg = build(model, torch.randn(2, 7, 4))
-    group = dg.get_pruning_group(model.lstm, pc.prune_lstm_out_channels, [1])
+    group = dg.get_pruning_group(model.lstm, pcl.prune_lstm_out_channels, [1])
     assert items_by_name(group, model)[("gru", "in")] == [1, 7]  # forward and backward halves
 
 
@@ -1657,7 +1656,7 @@ def test_bidirectional_lstm_maps_both_directions() -> None:
 def test_meta_convolution_shapes_match_torch(k: int, transposed: bool, groups: int, data: Any) -> None:
     """The trace answers convolutions on meta tensors with a shape formula: it must give torch's
     shape, or step aside (None) where torch refuses or gives an empty result."""
-    from prune_callbacks.graph.tracing import _conv_result
+    from prune_callbacks.graph.tracing import conv_result
 
     ints = lambda lo, hi: data.draw(st.lists(st.integers(lo, hi), min_size=k, max_size=k))  # noqa: E731
     cin, cout = 2 * data.draw(st.integers(1, 3)), 2 * data.draw(st.integers(1, 3))
@@ -1671,7 +1670,7 @@ def test_meta_convolution_shapes_match_torch(k: int, transposed: bool, groups: i
     w = torch.randn(cin, cout // groups, *kernel) if transposed else torch.randn(cout, cin // groups, *kernel)
     bias = torch.randn(data.draw(st.sampled_from([cout, cout + 1])))
     args = (stride, padding, dilation, transposed, out_pad, groups)
-    got = _conv_result(x.to("meta"), w.to("meta"), bias.to("meta"), *args)
+    got = conv_result(x.to("meta"), w.to("meta"), bias.to("meta"), *args)
     try:
         ref = torch.ops.aten.convolution.default(x, w, bias, *args)
     except RuntimeError:

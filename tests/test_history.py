@@ -10,9 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prune_callbacks.pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
-from prune_callbacks.reference.models import TinyViT, cifar_resnet, densenet
+from prune_callbacks.pruning.history import (
+    apply_pruning_history,
+    get_pruning_history,
+    load_pruned,
+    save_pruned,
+)
 from prune_callbacks.pruning.pruner import Pruner
+from prune_callbacks.reference.models import TinyViT, cifar_resnet, densenet
 from randnet import SplitSizes
 
 pytestmark = pytest.mark.filterwarnings("ignore:prune_callbacks")

@@ -223,7 +223,8 @@ def test_low_precision_gradients() -> None:
         m(inp).float().sum().backward()
         imp = TaylorImportance(normalizer=None)
         imp.accumulate(m)
-        assert all(a.total.dtype == torch.float32 for a in imp._acc.values())
+        totals = [e["total"] for e in imp.state_dict(m)["acc"].values()]
+        assert len(totals) == 4 and all(t.dtype == torch.float32 for t in totals)
         scores.append(imp(group))
     torch.testing.assert_close(scores[1], scores[0], rtol=0.05, atol=0.02)
 
@@ -237,12 +238,71 @@ def test_stale_accumulators_are_dropped_after_a_prune(tiny) -> None:
     new_group = next(g for g in dg.get_all_groups() if g.root.dep.target.module is model.fc1)
     # the accumulated shapes are stale: they are never indexed and the group cannot be scored
     assert imp(new_group) is None
-    assert not imp._acc or all(a.total.shape == a.param().shape for a in imp._acc.values())
+    params = dict(model.named_parameters())
+    saved = imp.state_dict(model)["acc"]
+    assert "fc1.weight" not in saved  # the stale statistics of the scored group were dropped
+    assert all(e["total"].shape == params[name].shape for name, e in saved.items())
     model.zero_grad()
     model(x).sum().backward()
     imp.accumulate(model)
     scores = imp(new_group)
     assert scores is not None and scores.shape == (3,)
+
+
+@pytest.mark.parametrize("cls", [TaylorImportance, FisherImportance])
+def test_gradient_state_round_trip(tiny, cls) -> None:
+    """accumulate, state_dict, a fresh criterion on a fresh copy of the model, load_state_dict:
+    the same scores, and accumulation continues from the restored statistics."""
+    import copy
+
+    model, x, _dg, group = tiny
+    imp = cls(normalizer=None)
+    _run(model, imp, _batches(model, 3))
+    state = imp.state_dict(model)
+    assert state["num_batches"] == 3 and state["skipped_batches"] == 0
+    assert set(state["acc"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert all(e["count"] == 3 and e["total"].device.type == "cpu" for e in state["acc"].values())
+
+    fresh_model = copy.deepcopy(model)
+    _dg2, fresh_group = _group_of(fresh_model, x, fresh_model.fc1)
+    fresh = cls(normalizer=None)
+    fresh.load_state_dict(copy.deepcopy(state), fresh_model)
+    assert fresh.num_batches == 3
+    torch.testing.assert_close(fresh(fresh_group), imp(group))
+    more = _batches(model, 5)[3:]
+    _run(model, imp, more)
+    _run(fresh_model, fresh, more)
+    torch.testing.assert_close(fresh(fresh_group), imp(group))
+
+
+def test_gradient_state_needs_the_model_and_skips_other_shapes(tiny) -> None:
+    model, x, _dg, _group = tiny
+    imp = TaylorImportance()
+    assert imp.state_dict() == {"num_batches": 0, "skipped_batches": 0, "acc": {}}
+    model(x).sum().backward()
+    imp.accumulate(model)
+    with pytest.raises(ValueError, match=r"state_dict\(model\)"):
+        imp.state_dict()
+    state = imp.state_dict(model)
+    with pytest.raises(ValueError, match=r"load_state_dict\(state, model\)"):
+        TaylorImportance().load_state_dict(state)
+    other = TwoLinear()
+    other.fc1 = nn.Linear(3, 3)  # pruned differently: fc1's statistics do not fit
+    fresh = TaylorImportance()
+    fresh.load_state_dict(state, other)
+    assert set(fresh.state_dict(other)["acc"]) == {"fc2.weight", "fc2.bias"}
+
+
+def test_random_and_magnitude_state(tiny) -> None:
+    _model, _x, _dg, group = tiny
+    imp = RandomImportance(seed=3)
+    imp(group)
+    state = imp.state_dict()
+    fresh = RandomImportance(seed=99)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(group), imp(group))
+    assert MagnitudeImportance().state_dict() == {}
+    MagnitudeImportance().load_state_dict({})
 
 
 def test_flatten_into_linear_sums_every_column_of_a_channel() -> None:

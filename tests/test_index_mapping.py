@@ -128,12 +128,12 @@ def test_common_maps_stay_runs() -> None:
     build a tensor along the way."""
     m = im.channel_map(4, 1, 32, range(32), range(32))
     placed = im.place(m, 1, 64, 112)
-    assert placed.runs == [(64, 96, 0, 1)] and placed._t is None
+    assert placed.runs == [(64, 96, 0, 1)] and not placed.materialized
     merged, added = im.merge(placed, im.narrow(placed, 1, 0, 112))
     assert not added and merged is placed
     read = im.channels_at(im.broadcast_to(placed, (8, 112, 7, 7)), 1, 112)
     assert read == (list(range(64, 96)), list(range(32)))
-    assert placed._t is None
+    assert not placed.materialized
     assert placed.t[0, 64:96, 0, 0].tolist() == list(range(32))
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prune_callbacks.reference.data.digits import DigitsDataModule
 from prune_callbacks.measure.flops import count_macs_and_params, count_params
+from prune_callbacks.reference.data.digits import DigitsDataModule
 from prune_callbacks.reference.models import (
     DigitsResNet,
     TinyLlama,

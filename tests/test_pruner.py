@@ -14,9 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prune_callbacks.measure.flops import count_macs_and_params
-from prune_callbacks.pruning.importance import MagnitudeImportance, RandomImportance, TaylorImportance, root_ids
-from prune_callbacks.reference.models import TinyViT, cifar_resnet, densenet, vgg_cifar
+from prune_callbacks.pruning.importance import (
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+    root_ids,
+)
 from prune_callbacks.pruning.pruner import Pruner
+from prune_callbacks.pruning.settings import PruningSettings, SettingsError
+from prune_callbacks.pruning.subsets import root_channels
+from prune_callbacks.reference.models import TinyViT, cifar_resnet, densenet, vgg_cifar
 from randnet import random_cnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:prune_callbacks")
@@ -323,11 +330,15 @@ def _check_subsets(model: nn.Module, x: torch.Tensor, data, ignored=()) -> None:
         if n < 2:
             continue
         positions = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1)))
-        fast = pruner._subset(group, positions)
+        fast = pruner.subsets.subset(group, positions)
         root = group.root.dep
-        slow = pruner.DG.get_pruning_group(
-            root.target.module, root.handler, pruner._root_channels(group, positions)
-        )
+        try:
+            slow = pruner.DG.get_pruning_group(root.target.module, root.handler, root_channels(group, positions))
+        except ValueError:
+            # The search refuses the channel set outright (it would empty a coupled layer, e.g. a
+            # grouped conv whose groups all lose their channels): the filtered group must be refused too.
+            assert pruner.DG.explain_pruning_group(fast) is not None
+            continue
         assert _signature(fast) == _signature(slow)
         assert (pruner.DG.explain_pruning_group(fast) is None) == (
             pruner.DG.explain_pruning_group(slow) is None
@@ -457,26 +468,70 @@ class Exploding(nn.Module):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"pruning_ratio": 1.0}, "pruning_ratio"),
-        ({"pruning_ratio": -0.1}, "pruning_ratio"),
-        ({"max_pruning_ratio": 0.0}, "max_pruning_ratio"),
-        ({"max_pruning_ratio": 1.5}, "max_pruning_ratio"),
-        ({"iterative_steps": 0}, "iterative_steps"),
-        ({"schedule": "quadratic"}, "unknown schedule"),
-        ({"schedule": [0.3, 0.2]}, "non-decreasing"),
-        ({"round_to": 0}, "round_to"),
-        ({"target_speedup": 0.5}, "target_speedup"),
-        ({"head_pruning_ratio": 1.0}, "head_pruning_ratio"),
-        ({"pruning_ratio_dict": {"fc1": 1.2}}, "pruning_ratio_dict"),
-        ({"importance": "hessian"}, "valid names"),
-        ({"ignored_layers": ["fc_1"]}, "close matches: 'fc1'"),
-        ({"pruning_ratio_dict": {"layer4.*": 0.5}}, "no module or parameter"),
+        ({"pruning_ratio": 1.0}, "pruning_ratio=1.0: must be in [0, 1)"),
+        ({"pruning_ratio": -0.1}, "pruning_ratio=-0.1: must be in [0, 1)"),
+        ({"pruning_ratio": "0.5"}, "pruning_ratio=0.5: must be a number in [0, 1)"),
+        (
+            {"pruning_ratio": 0.5, "target_speedup": 2.0},
+            "target_speedup=2.0: is set together with pruning_ratio",
+        ),
+        ({"max_pruning_ratio": 0.0}, "max_pruning_ratio=0.0: must be in (0, 1]"),
+        ({"max_pruning_ratio": 1.5}, "max_pruning_ratio=1.5: must be in (0, 1]"),
+        ({"iterative_steps": 0}, "iterative_steps=0: must be an integer >= 1"),
+        (
+            {"iterative_steps": 2, "schedule": [0.1, 0.3, 0.5]},
+            "iterative_steps=2: gives 2 steps but schedule",
+        ),
+        ({"schedule": "quadratic"}, "schedule=quadratic: unknown schedule"),
+        ({"schedule": [0.3, 0.2]}, "schedule=[0.3,0.2]: must be non-decreasing"),
+        ({"round_to": 0}, "round_to=0: must be an integer >= 1"),
+        ({"target_speedup": 0.5}, "target_speedup=0.5: must be a number > 1"),
+        ({"target_speedup": 1.0}, "target_speedup=1.0: must be a number > 1"),
+        ({"head_pruning_ratio": 1.0}, "head_pruning_ratio=1.0: must be in [0, 1)"),
+        ({"pruning_ratio_dict": {"fc1": 1.2}}, "pruning_ratio_dict[fc1]=1.2: must be in [0, 1)"),
+        ({"importance": "hessian"}, "importance=hessian: unknown importance"),
     ],
 )
-def test_arguments_are_validated_first(kwargs, match) -> None:
+def test_settings_are_validated_first_by_the_one_rulebook(kwargs, match) -> None:
+    """Every option of the settings is checked by PruningSettings: one-line ``key=value: problem;
+    fix`` messages, the same as the callback's and the app's."""
     kwargs = {"importance": "l1", **kwargs}
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(SettingsError) as info:
         Pruner(Exploding(), torch.randn(1, 4), **kwargs)
+    assert str(info.value).startswith(match), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ignored_layers": ["fc_1"]}, "close matches: 'fc1'"),
+        ({"pruning_ratio_dict": {"layer4.*": 0.5}}, "no module or parameter"),
+        ({"unwrapped_parameters": {"fc_1.weight": 0}}, "close matches"),
+    ],
+)
+def test_names_are_resolved_before_the_model_runs(kwargs, match) -> None:
+    kwargs = {"importance": "l1", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Pruner(Exploding(), torch.randn(1, 4), **kwargs)
+
+
+def test_settings_object_and_overrides() -> None:
+    """``settings=`` gives every option at once; options passed as well replace its values, and a
+    speedup target alone is not "both set" (the ratio defaults to none)."""
+    model = _resnet()
+    base = PruningSettings(importance="l2", pruning_ratio=0.3, iterative_steps=2, schedule="agp")
+    p = Pruner(model, _x(), settings=base)
+    assert p.settings is base and isinstance(p.importance, MagnitudeImportance)
+    assert p.pruning_ratio == 0.3 and p.iterative_steps == 2 and p.schedule == "cubic"
+    p = Pruner(model, _x(), "l1", settings=base, pruning_ratio=0.6)
+    assert p.pruning_ratio == 0.6 and p.iterative_steps == 2 and p.importance.p == 1
+    p = Pruner(model, _x(), "l2", target_speedup=2)
+    assert p.target_speedup == 2.0 and p.global_pruning and p.dense_macs
+    p = Pruner(model, _x(), "l2", schedule=[0.1, 0.2])
+    assert p.pruning_ratio == 0.2 and p.iterative_steps == 2 and p.per_step_ratio == [0.1, 0.2]
+    assert Pruner(model, _x(), "l2").pruning_ratio == 0.5
+    with pytest.raises(SettingsError, match="is set together with"):
+        Pruner(model, _x(), settings=base, target_speedup=2.0)
 
 
 def test_history_is_recorded_on_the_model() -> None:
@@ -532,3 +587,26 @@ def test_round_to_does_not_cancel_head_pruning() -> None:
     pruner.step()
     assert model.blocks[0].attn.num_heads == 3
     assert model(_x(1)).shape == (1, 10)
+
+
+def test_each_group_is_indexed_once(monkeypatch) -> None:
+    """The flat index of a group is built once and shared by the criterion, the counts, the
+    selection and the merged prune (kept by the pruner, not on the groups)."""
+    from prune_callbacks.pruning import importance as importance_module
+
+    built: list[int] = []
+    original = importance_module.GroupIndex.__init__
+
+    def counting(self, group) -> None:
+        built.append(id(group))
+        original(self, group)
+
+    monkeypatch.setattr(importance_module.GroupIndex, "__init__", counting)
+    pruner = Pruner(_resnet(), _x(), "l2", pruning_ratio=0.5, iterative_steps=2)
+    groups = pruner.groups
+    assert sorted(built) == sorted(id(g) for g in groups)
+    built.clear()
+    pruner.step()
+    assert built == []
+    pruner.step()  # new groups after the prune: each indexed once again
+    assert len(built) == len(set(built)) > 0

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prune_callbacks.layers as pf
+from prune_callbacks import DependencyGraph
 from prune_callbacks.layers import (
     DEFAULT_PRUNERS,
     ConvPruner,
@@ -1091,6 +1092,13 @@ def test_register_pruner_makes_the_registry_find_it():
         assert out_fn.__name__ == "prune__GainPruner_out_channels" and in_fn.pruner is other
         m = _Gain(4)
         assert out_fn(m, [1]) is m and m.gain.tolist() == [1.0, 3.0, 4.0]
+        # A graph built afterwards treats the class as a prunable layer, coupled to its neighbours.
+        model = nn.Sequential(nn.Linear(3, 4), _Gain(4), nn.Linear(4, 2))
+        dg = DependencyGraph().build_dependency(model, torch.randn(1, 3))
+        assert dg.get_pruner_of_module(model[1]) is other
+        dg.get_pruning_group(model[0], pf.prune_linear_out_channels, [0, 2]).prune()
+        assert model[1].gain.tolist() == [2.0, 4.0] and model[2].in_features == 2
+        assert model(torch.randn(1, 3)).shape == (1, 2)
     finally:
         DEFAULT_PRUNERS.pop(_Gain, None)
     assert get_pruner(_Gain(3)) is None
@@ -1172,3 +1180,16 @@ def test_once_per_parameter_keeps_multi_dim_prunes_whole():
     for a, b in ((mha, expected_mha), (lstm, expected_lstm)):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(p, q), name
+
+
+def test_unnamed_parameter_function_pickles_as_its_own_class() -> None:
+    """A parameter pruning function made for an explicit dim keeps its class (and its ``dim`` argument)."""
+    import pickle
+
+    from prune_callbacks.layers import ParameterPruner, ParameterPruningFunction
+
+    fn = ParameterPruner(dim=1).function_class(ParameterPruner(dim=1), "out", "prune_param_dim1_out")
+    back = pickle.loads(pickle.dumps(fn))
+    assert isinstance(back, ParameterPruningFunction)
+    p = nn.Parameter(torch.randn(3, 4))
+    assert back(p, [0], dim=0).shape == (2, 4)

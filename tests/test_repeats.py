@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import hf_models
 from prune_callbacks import DependencyGraph
-from prune_callbacks.graph.dependency_graph import _block_pattern
+from prune_callbacks.graph.groups import GroupEnumerator, block_pattern
 from prune_callbacks.reference.models.densenet import densenet
 from prune_callbacks.reference.models.llama import TinyLlama
 from prune_callbacks.reference.models.resnet import cifar_resnet
-from test_transformers import HF_MODELS
+
+HF_MODELS = hf_models()
 
 
 def _describe(dg: DependencyGraph, groups: list) -> list[Any]:
@@ -24,8 +26,8 @@ def _describe(dg: DependencyGraph, groups: list) -> list[Any]:
     for g in groups:
         items = [
             (
-                it.dep.target._name,
-                it.dep.source._name,
+                it.dep.target.plain_name,
+                it.dep.source.plain_name,
                 it.dep.handler.__name__,
                 list(it.idxs),
                 list(it.root_idxs),
@@ -34,7 +36,7 @@ def _describe(dg: DependencyGraph, groups: list) -> list[Any]:
         ]
         attrs = [(names.get(id(m), type(m).__name__), a, o, n) for m, a, o, n in g.attribute_updates]
         maps = sorted(
-            (e.src._name, e.src_pos, tuple(e.shape), m.t.flatten().tolist(), m.explicit)
+            (e.src.plain_name, e.src_pos, tuple(e.shape), m.t.flatten().tolist(), m.explicit)
             for e, m in g.edge_maps.items()
         )
         out.append((items, attrs, g.head_blocks, maps))
@@ -44,16 +46,16 @@ def _describe(dg: DependencyGraph, groups: list) -> list[Any]:
 def _groups(model: nn.Module, x: Any, copies: bool, monkeypatch: pytest.MonkeyPatch, **kw: Any):
     dg = DependencyGraph().build_dependency(model, x)
     copied = []
-    original = DependencyGraph._copy_group
+    original = GroupEnumerator.copy_group
 
     def spy(self, template, root, *args):
         group = original(self, template, root, *args) if copies else None
         if group is not None:
-            copied.append(root._name)
+            copied.append(root.plain_name)
         return group
 
     with monkeypatch.context() as mp:
-        mp.setattr(DependencyGraph, "_copy_group", spy)
+        mp.setattr(GroupEnumerator, "copy_group", spy)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             groups = dg.get_all_groups(**kw)
@@ -111,7 +113,7 @@ def test_llama_layers_after_the_first_are_copies(monkeypatch: pytest.MonkeyPatch
     ).eval()
     ignored = [m for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj", "embed_tokens"))]
     copied = _assert_copies_exact(model, inputs(), monkeypatch, min_copied=6, ignored_layers=ignored)
-    patterns = {_block_pattern(n) for n in copied}
+    patterns = {block_pattern(n) for n in copied}
     assert "model.layers.#.self_attn.q_proj" in patterns and "model.layers.#.mlp.gate_proj" in patterns
     assert not any(".layers.0." in n for n in copied)
 

@@ -74,3 +74,17 @@ def test_explicit_list() -> None:
 def test_errors(target: float, steps: int, kind: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ratio_schedule(target, steps, kind)  # type: ignore[arg-type]
+
+
+def test_ratio_schedule_scales_an_explicit_list_for_other_targets() -> None:
+    from prune_callbacks.pruning.schedule import RatioSchedule
+
+    linear = RatioSchedule("linear", 4, 0.5)
+    assert linear.ratios_for(0.5) == ratio_schedule(0.5, 4, "linear")
+    assert linear.ratios_for(0.2) == ratio_schedule(0.2, 4, "linear")
+    assert linear.fractions_for(0.5) == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    explicit = RatioSchedule((0.1, 0.3, 0.4), 3, 0.4)
+    assert explicit.explicit and not linear.explicit
+    assert explicit.ratios_for(0.4) == [0.1, 0.3, 0.4]  # used as given for the run's ratio
+    assert explicit.ratios_for(0.8) == pytest.approx([0.2, 0.6, 0.8])  # same shape, other target
+    assert explicit.fractions_for(0.5) == pytest.approx([0.125, 0.375, 0.5])

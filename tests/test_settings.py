@@ -19,12 +19,21 @@ def test_defaults() -> None:
         ({"pruning_ratio": 1.5}, "pruning_ratio=1.5: must be in [0, 1)"),
         ({"pruning_ratio": "0.5"}, "pruning_ratio=0.5: must be a number in [0, 1)"),
         ({"pruning_ratio": True}, "pruning_ratio=true: must be a number"),
-        ({"pruning_ratio": 0.5, "target_speedup": 2.0}, "target_speedup=2.0: is set together with pruning_ratio=0.5"),
+        (
+            {"pruning_ratio": 0.5, "target_speedup": 2.0},
+            "target_speedup=2.0: is set together with pruning_ratio=0.5",
+        ),
         ({"target_speedup": 1.0}, "target_speedup=1.0: must be a number > 1"),
         ({"schedule": "fast"}, "schedule=fast: unknown schedule"),
         ({"schedule": [0.3, 0.2]}, "schedule=[0.3,0.2]: must be non-decreasing"),
-        ({"schedule": [0.1, 0.2], "iterative_steps": 3}, "iterative_steps=3: gives 3 steps but schedule gives 2"),
-        ({"start_epoch": 2, "end_epoch": 6, "iterative_steps": 3}, "iterative_steps=3: gives 3 steps but end_epoch"),
+        (
+            {"schedule": [0.1, 0.2], "iterative_steps": 3},
+            "iterative_steps=3: gives 3 steps but schedule gives 2",
+        ),
+        (
+            {"start_epoch": 2, "end_epoch": 6, "iterative_steps": 3},
+            "iterative_steps=3: gives 3 steps but end_epoch",
+        ),
         ({"end_epoch": 1, "start_epoch": 3}, "end_epoch=1: is before start_epoch=3"),
         ({"epochs": [4, 2]}, "epochs=[4,2]: must be strictly increasing"),
         ({"importance": "taylr"}, "importance=taylr: unknown importance; did you mean importance=taylor?"),
@@ -57,9 +66,13 @@ def test_aliases_and_derived_steps() -> None:
 
 
 def test_from_mapping_prefixes_keys_and_suggests() -> None:
-    with pytest.raises(SettingsError, match=r"^pruning\.pruning_ratio=1\.5: .*e\.g\. pruning\.pruning_ratio=0\.5$"):
+    with pytest.raises(
+        SettingsError, match=r"^pruning\.pruning_ratio=1\.5: .*e\.g\. pruning\.pruning_ratio=0\.5$"
+    ):
         PruningSettings.from_mapping({"_target_": "x", "pruning_ratio": 1.5}, prefix="pruning.")
-    with pytest.raises(SettingsError, match=r"^pruning\.pruning_rato=0\.5: is not a pruning setting; did you mean"):
+    with pytest.raises(
+        SettingsError, match=r"^pruning\.pruning_rato=0\.5: is not a pruning setting; did you mean"
+    ):
         PruningSettings.from_mapping({"pruning_rato": 0.5}, prefix="pruning.")
 
 
@@ -68,3 +81,10 @@ def test_replace_validates_again() -> None:
     assert s.replace(pruning_ratio=0.6).pruning_ratio == 0.6
     with pytest.raises(SettingsError):
         s.replace(target_speedup=2.0)
+
+
+def test_ratio_of_an_explicit_schedule() -> None:
+    """With neither a ratio nor a speedup, an explicit schedule's last ratio is the ratio."""
+    assert PruningSettings(schedule=[0.1, 0.3]).ratio == 0.3
+    assert PruningSettings(schedule=[0.1, 0.3], pruning_ratio=0.5).ratio == 0.5
+    assert PruningSettings(schedule=[0.1, 0.3], target_speedup=2.0).ratio == 0.0

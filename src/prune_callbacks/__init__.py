@@ -1,12 +1,19 @@
 """prune_callbacks: structural channel pruning for PyTorch, driven by a dependency graph.
 
-Flow: model -> :mod:`.tracing` -> :class:`DependencyGraph` (nodes, dependencies) -> full-index
-:class:`Group` s -> importance scores -> subset groups -> atomic prune -> history record.
+Flow (each arrow owned by one subpackage, see ``docs/architecture.md``)::
+
+    model -> trace -> graph -> full-index groups          (graph/, with layers/ for each layer family)
+          -> scores -> subset groups -> atomic prune      (pruning/: importance, selection, Pruner)
+          -> history -> optimizer / DDP / logger updates  (pruning/history, integrations/lightning/)
+
+This module holds what a user needs; everything else stays importable from its subpackage
+(:mod:`prune_callbacks.graph` for ``Node``, ``Edge``, ``OpType``...; :mod:`prune_callbacks.layers` for
+every layer pruner and ``prune_*`` function).
 """
 
-from .graph.dependency import Dependency, Group, GroupItem, PruningError
+from .graph import DependencyGraph, Group, PruningError
+from .layers import LayerPruner, prune_conv_out_channels, prune_linear_out_channels, track_parameter_updates
 from .measure.flops import count_macs_and_params, count_params, measure_latency
-from .graph.dependency_graph import DependencyGraph
 from .pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
 from .pruning.importance import (
     BNScaleImportance,
@@ -18,54 +25,59 @@ from .pruning.importance import (
     TaylorImportance,
     get_importance,
 )
-from .graph.index_mapping import Barrier
-from .graph.node import Edge, Node
-from .graph.ops import OpType, module2type
 from .pruning.optim_state import prune_optimizer_state
 from .pruning.pruner import Pruner
-from .layers import *  # noqa: F403 - the low-level pruning functions are public API
-from .layers import __all__ as _pf_all
+from .pruning.settings import PruningSettings, SettingsError
 
 __all__ = [
-    "BNScaleImportance",
-    "FisherImportance",
-    "GradientImportance",
-    "Importance",
-    "MagnitudeImportance",
+    # pruning: the Pruner, its settings and the criteria
     "Pruner",
-    "RandomImportance",
-    "StructuredPruning",  # noqa: F405 - resolved lazily by __getattr__
+    "PruningSettings",
+    "SettingsError",
+    "Importance",
+    "GradientImportance",
     "TaylorImportance",
+    "FisherImportance",
+    "MagnitudeImportance",
+    "BNScaleImportance",
+    "RandomImportance",
+    "get_importance",
+    # Lightning (imported on first use)
+    "StructuredPruning",
+    "pruned_from_checkpoint",
+    # the dependency graph
+    "DependencyGraph",
+    "Group",
+    "PruningError",
+    "LayerPruner",
+    "prune_conv_out_channels",
+    "prune_linear_out_channels",
+    # history, files, optimizer state
+    "save_pruned",
+    "load_pruned",
+    "get_pruning_history",
     "apply_pruning_history",
+    "prune_optimizer_state",
+    "track_parameter_updates",
+    # cost
     "count_macs_and_params",
     "count_params",
-    "get_importance",
-    "get_pruning_history",
-    "load_pruned",
     "measure_latency",
-    "prune_optimizer_state",
-    "pruned_from_checkpoint",  # noqa: F405 - resolved lazily by __getattr__
-    "save_pruned",
-    "Barrier",
-    "Dependency",
-    "DependencyGraph",
-    "Edge",
-    "Group",
-    "GroupItem",
-    "Node",
-    "OpType",
-    "PruningError",
-    "module2type",
-    *_pf_all,
 ]
 __version__ = "0.1.0"
+
+_LAZY = ("StructuredPruning", "pruned_from_checkpoint")
 
 
 def __getattr__(name: str) -> object:
     """The Lightning callback is imported on first use, so the graph core and the Pruner work
     (and import quickly) without Lightning."""
-    if name in ("StructuredPruning", "pruned_from_checkpoint"):
+    if name in _LAZY:
         from .integrations.lightning import callback
 
         return getattr(callback, name)
     raise AttributeError(f"module 'prune_callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

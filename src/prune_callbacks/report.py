@@ -1,4 +1,4 @@
-"""``python -m prune_callbacks.report SWEEP_DIR``: report of a sweep (see :mod:`prune_callbacks.app.report`)."""
+"""``python -m prune_callbacks.report SWEEP_DIR``: report of a sweep (see :mod:`.app.report`)."""
 
 import sys
 

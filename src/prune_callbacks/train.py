@@ -1,4 +1,4 @@
-"""``python -m prune_callbacks.train``: the Hydra prune-finetune app (see :mod:`prune_callbacks.app.train`)."""
+"""``python -m prune_callbacks.train``: the Hydra prune-finetune app (see :mod:`.app.train`)."""
 
 from .app.train import main
 

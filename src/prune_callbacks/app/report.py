@@ -3,7 +3,8 @@
 ``python -m prune_callbacks.report <multirun dir>`` reads every job's ``results.json`` below the
 directory (as written by :mod:`prune_callbacks.app.train`), labels each job by the overrides that differ
 between jobs (the swept keys), and writes ``report.md`` and ``accuracy_vs_macs.png`` into the
-directory (or ``--out``).
+directory (or ``--out``). The command prints the table (its output, like ``cat``) and where it wrote
+the files; the table is rendered by :func:`.tables.render_table`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .tables import render_table
 
 __all__ = ["collect", "label_jobs", "main", "markdown_table", "plot", "write_report"]
 
@@ -94,7 +97,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         "params (k) dense -> pruned",
         *[f"CPU latency speedup, batch {k}" for k in lat_keys],
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    cells_per_row = []
     for row, label in zip(rows, labels):
         dense, pruned, speedup = row["dense"], row["pruned"], row["speedup"]
         da, pa = dense.get("accuracy"), pruned.get("accuracy")
@@ -110,8 +113,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{dense['params'] / 1e3:.1f} -> {pruned['params'] / 1e3:.1f}",
             *[_x(speedup.get("latency", {}).get(k)) for k in lat_keys],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells_per_row.append(cells)
+    numbers = range(2, len(header))
+    return render_table(header, cells_per_row, right=numbers, markdown=True) + "\n"
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
@@ -129,7 +133,8 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = N
         (r["dense"]["macs"] / 1e6, 100 * r["dense"]["accuracy"]) for r in rows if r["dense"].get("accuracy")
     ]
     if dense:
-        ax.scatter(*zip(*dense), marker="*", s=160, color="0.45", label="dense (before pruning)", zorder=3)
+        xs, ys = [p[0] for p in dense], [p[1] for p in dense]
+        ax.scatter(xs, ys, marker="*", s=160, color="0.45", label="dense (before pruning)", zorder=3)
     points = [
         (r["pruned"]["macs"] / 1e6, 100 * r["pruned"]["accuracy"], label)
         for r, label in zip(rows, labels)

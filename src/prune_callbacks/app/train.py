@@ -4,8 +4,14 @@
 prunes it iteratively with gradient Taylor importance to half its MACs, fine-tunes it, and prints a table
 of dense vs pruned accuracy, MACs, parameters and CPU latency. Everything comes from ``conf/`` (groups
 ``model``, ``data``, ``task``, ``pruning``, ``trainer``, ``logger``) and can be overridden on the command
-line; ``recipe=NAME`` applies one of the ready schedules in ``recipes/``. Each job writes ``results.json``
-to its output directory; ``python -m prune_callbacks.report <multirun dir>`` summarises a sweep.
+line; ``recipe=NAME`` applies one of the ready schedules in ``recipes/``; ``--help`` lists the groups,
+their options and what the keys mean (:mod:`.help`). Each job writes ``results.json`` to its output
+directory; ``python -m prune_callbacks.report <multirun dir>`` summarises a sweep.
+
+The ``pruning`` group is checked by the one settings rulebook,
+:class:`~prune_callbacks.pruning.settings.PruningSettings` (its schema in Hydra's ConfigStore and
+:func:`.config.pruning_settings`), before anything is built. Progress and the final summary go through
+the module logger: Hydra's job logging prints them on the console and writes them to ``train.log``.
 """
 
 from __future__ import annotations
@@ -30,19 +36,55 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..measure.flops import count_macs_and_params, count_params, measure_latency
+from ..pruning.settings import PruningSettings
 from .config import (
     ConfigError,
     check_layer_names,
     check_logger,
-    check_pruning,
     check_schedule_fits,
     error,
     missing_data_error,
-    pruning_kwargs,
+    pruning_settings,
+    register_pruning_schema,
 )
-from ..measure.flops import count_macs_and_params, count_params, measure_latency
+from .help import register_help
+from .tables import render_table
 
-__all__ = ["APP_ROOT", "conf_dir", "main", "recipes_dir", "register_recipes", "run"]
+__all__ = [
+    "APP_ROOT",
+    "check_schedule_fits",
+    "conf_dir",
+    "main",
+    "pruning_settings",
+    "recipes_dir",
+    "register_configs",
+    "register_recipes",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+#: Hydra job logging of the app (the ``hydra/job_logging`` option ``prune_train``): Hydra's default, with
+#: plain message lines on the console (the summary table stays readable) and time, logger and level in
+#: the job's ``train.log``.
+JOB_LOGGING: dict[str, Any] = {
+    "version": 1,
+    "formatters": {
+        "console": {"format": "%(message)s"},
+        "file": {"format": "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "console", "stream": "ext://sys.stdout"},
+        "file": {
+            "class": "logging.FileHandler",
+            "formatter": "file",
+            "filename": "${hydra.runtime.output_dir}/${hydra.job.name}.log",
+        },
+    },
+    "root": {"level": "INFO", "handlers": ["console", "file"]},
+    "disable_existing_loggers": False,
+}
 
 # conf/ and recipes/ ship inside the package (package data), so a wheel install runs the app too.
 APP_ROOT = Path(__file__).resolve().parent
@@ -83,6 +125,20 @@ def register_recipes(directory: Path | None = None) -> list[str]:
         store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
         names.append(path.stem)
     return names
+
+
+def register_configs() -> list[str]:
+    """Put the app's stored configs into Hydra's ConfigStore: the ``pruning`` schema, the ``--help``
+    text, the job logging (:data:`JOB_LOGGING`) and the recipes (see :func:`register_recipes`); return
+    the recipe names.
+
+    Runs when this module is imported, so that composing ``conf/`` (the app, or Hydra's compose API
+    in tests and notebooks) always finds them.
+    """
+    register_pruning_schema()
+    register_help(APP_ROOT / "conf", recipes_dir())
+    ConfigStore.instance().store(group="hydra/job_logging", name="prune_train", node=JOB_LOGGING)
+    return register_recipes()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -138,17 +194,18 @@ def _check_data(data_cfg: DictConfig, dm: Any) -> None:
 def _fill_from_data(task_cfg: DictConfig, dm: Any) -> dict[str, Any]:
     """Values for the ``task`` keys left null, taken from the data module's attribute of the same name."""
     filled: dict[str, Any] = {}
-    for key, value in task_cfg.items():
-        if value is not None or str(key).startswith("_"):
+    for raw_key, value in task_cfg.items():
+        key = str(raw_key)
+        if value is not None or key.startswith("_"):
             continue
-        if not hasattr(dm, str(key)):
+        if not hasattr(dm, key):
             raise error(
                 f"task.{key}",
                 None,
                 f"{type(dm).__name__} has no attribute {key} to take it from",
                 f"set task.{key} explicitly",
             )
-        filled[str(key)] = getattr(dm, str(key))
+        filled[key] = getattr(dm, key)
     return filled
 
 
@@ -197,6 +254,22 @@ def _widths(callback: Any) -> list[dict[str, Any]]:
         {"group": g["root"], "dense": int(g["channels_dense"]), "pruned": int(g["channels_after"])}
         for g in records[-1]["groups"]
     ]
+
+
+def _steps(callback: Any) -> list[dict[str, Any]]:
+    """The pruning steps of the callback's records: step, epoch, MACs, parameters, speedup, channel ratio."""
+    keys = ("step", "epoch", "macs", "params", "speedup", "channel_ratio")
+    return [{k: r[k] for k in keys if k in r} for r in getattr(callback, "records", [])]
+
+
+def _pruning_record(settings: PruningSettings, epochs: list[int]) -> dict[str, Any]:
+    """What ``results.json`` says about the pruning settings (a custom importance is ``"custom"``)."""
+    return {
+        "importance": settings.importance if isinstance(settings.importance, str) else "custom",
+        "pruning_ratio": settings.pruning_ratio,
+        "target_speedup": settings.target_speedup,
+        "epochs": epochs,
+    }
 
 
 def _save_pruned(lit: Any, callback: Any, path: Path) -> bool:
@@ -286,8 +359,9 @@ def _measure(cfg: DictConfig, models: dict[str, Any], dm: Any, example: Any) -> 
         macs, params = count_macs_and_params(module.cpu(), example)
         out[name] = {"macs": int(macs), "params": int(params), "latency_s": {}}
     threads = torch.get_num_threads()
-    if lat_cfg.get("threads"):
-        torch.set_num_threads(int(lat_cfg.threads))
+    latency_threads = lat_cfg.get("threads")
+    if latency_threads:
+        torch.set_num_threads(int(latency_threads))
     try:
         for bs in lat_cfg.get("batch_sizes", [1]):
             x = _example_batch(next(iter(models.values())), dm, int(bs))
@@ -311,43 +385,129 @@ def _ratio(a: float, b: float) -> float | None:
 def _format_table(results: dict[str, Any]) -> str:
     """The console summary: dense vs pruned accuracy, MACs, parameters and latency."""
     dense, pruned, metric = results["dense"], results["pruned"], results["metric"]
-    rows: list[tuple[str, str, str, str]] = []
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
+    def times(v: float | None, what: str) -> str:
+        return "n/a" if v is None else f"{v:.2f}x {what}"
+
     da, pa = dense.get("accuracy"), pruned.get("accuracy")
     change = "n/a" if da is None or pa is None else f"{100 * (pa - da):+.2f} pt"
-    rows.append((f"accuracy ({metric})", pct(da), pct(pa), change))
-    rows.append(
+    rows = [
+        (f"accuracy ({metric})", pct(da), pct(pa), change),
         (
             "MACs",
             f"{dense['macs'] / 1e6:.3f} M",
             f"{pruned['macs'] / 1e6:.3f} M",
-            f"{results['speedup']['macs']:.2f}x fewer",
-        )
-    )
-    rows.append(
+            times(results["speedup"]["macs"], "fewer"),
+        ),
         (
             "parameters",
             f"{dense['params'] / 1e3:.1f} k",
             f"{pruned['params'] / 1e3:.1f} k",
-            f"{results['speedup']['params']:.2f}x fewer",
-        )
-    )
+            times(results["speedup"]["params"], "fewer"),
+        ),
+    ]
     for bs, t in dense["latency_s"].items():
         tp = pruned["latency_s"][bs]
-        rows.append(
-            (f"CPU latency, batch {bs}", f"{t * 1e3:.2f} ms", f"{tp * 1e3:.2f} ms", f"{t / tp:.2f}x faster")
-        )
-    header = ("", "dense", "pruned", "change")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+        latency = (f"{t * 1e3:.2f} ms", f"{tp * 1e3:.2f} ms", times(_ratio(t, tp), "faster"))
+        rows.append((f"CPU latency, batch {bs}", *latency))
+    return render_table(("", "dense", "pruned", "change"), rows, right=(1, 2, 3))
+
+
+def describe_pruning(settings: PruningSettings, epochs: list[int], max_epochs: Any) -> str:
+    """One line saying what the run will do, e.g. ``taylor importance, 2.00x fewer MACs in 5 steps ...``."""
+    importance = settings.importance if isinstance(settings.importance, str) else "custom"
+    if settings.target_speedup is not None:
+        target = f"{settings.target_speedup:.2f}x fewer MACs (channels ranked globally)"
+    else:
+        scope = "ranked globally" if settings.ranks_globally else "per group"
+        target = f"{100 * settings.ratio:.0f}% of the channels ({scope})"
+    schedule = settings.schedule if isinstance(settings.schedule, str) else "explicit"
+    where = ", ".join(str(e) for e in epochs)
+    steps = f"{len(epochs)} step{'s' if len(epochs) != 1 else ''}"
+    end = f", fine-tuning to epoch {max_epochs}" if isinstance(max_epochs, int) and max_epochs > 0 else ""
+    return f"pruning: {importance} importance, {target} in {steps} ({schedule}) after epochs {where}{end}"
 
 
 # ---------------------------------------------------------------------------------------------- the job
+
+
+def _build_module(cfg: DictConfig, dm: Any) -> pl.LightningModule:
+    """The LightningModule to train: ``model`` itself when it is one, else ``task`` wrapping it.
+
+    ``task`` keys left null are filled from the data module, and a data module with
+    ``example_batch`` gives the module its ``example_input_array`` (the callback traces with it).
+    """
+    net = _build(cfg.model, "model")
+    if isinstance(net, pl.LightningModule):
+        return net
+    if not isinstance(net, torch.nn.Module):
+        target = cfg.model.get("_target_")
+        raise error("model._target_", target, "did not build an nn.Module", "point it at one")
+    lit = _build(cfg.task, "task", model=net, **_fill_from_data(cfg.task, dm))
+    if hasattr(dm, "example_batch"):
+        lit.example_input_array = dm.example_batch(1)
+    return lit
+
+
+def _make_logger(cfg: DictConfig, out_dir: Path) -> Any:
+    """The configured Lightning logger (False for none), given the resolved config as hyperparameters.
+
+    The resolved config is written to ``config_resolved.yaml`` first; a W&B run also saves that file.
+    """
+    resolved_path = out_dir / RESOLVED_CONFIG_FILE
+    resolved_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if not cfg.get("logger"):
+        return False
+    logger_cfg = cfg.logger
+    extra = {"save_dir": str(out_dir)} if logger_cfg.get("save_dir", "") is None else {}
+    logger = _build(logger_cfg, "logger", **extra)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if type(logger).__name__ == "WandbLogger":
+        logger.experiment.save(str(resolved_path), base_path=str(out_dir), policy="now")
+    return logger
+
+
+def _log_final(logger: Any, results: dict[str, Any]) -> None:
+    """Send the headline figures to the Lightning logger (``final/...``) and close it."""
+    if not logger:
+        return
+    flat = {
+        "final/dense_acc": results["dense"]["accuracy"],
+        "final/pruned_acc": results["pruned"]["accuracy"],
+        "final/macs_speedup": results["speedup"]["macs"],
+        "final/params_speedup": results["speedup"]["params"],
+        **{f"final/latency_speedup_bs{bs}": v for bs, v in results["speedup"]["latency"].items()},
+    }
+    logger.log_metrics({k: v for k, v in flat.items() if v is not None})
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        logger.experiment.finish()
+
+
+def _compare(
+    cfg: DictConfig, dense: Any, lit: Any, dm: Any, out_dir: Path
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Validation metrics and costs of the dense and the pruned model: ``(dense, pruned, speedup)``."""
+    metric = str(cfg.get("metric", "val/acc"))
+    example = lit.example_input_array
+    example = example.cpu() if isinstance(example, torch.Tensor) else example
+    sides: dict[str, dict[str, Any]] = {}
+    for name, module in (("dense", dense), ("pruned", lit)):
+        metrics = _evaluate(cfg, module, dm, out_dir)
+        sides[name] = {"accuracy": metrics.get(metric), "metrics": metrics}
+    costs = _measure(cfg, {"dense": dense, "pruned": lit}, dm, example)
+    for name in sides:
+        sides[name].update(costs[name])
+    d, p = costs["dense"], costs["pruned"]
+    speedup = {
+        "macs": _ratio(d["macs"], p["macs"]),
+        "params": _ratio(d["params"], p["params"]),
+        "latency": {bs: _ratio(t, p["latency_s"][bs]) for bs, t in d["latency_s"].items()},
+    }
+    return sides["dense"], sides["pruned"], speedup
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -357,113 +517,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     :class:`ConfigError` before any training. Returns the results that were written.
     """
     start = time.perf_counter()
-    check_pruning(cfg.pruning)
-    check_schedule_fits(cfg.pruning, cfg.trainer.get("max_epochs"))
+    settings = pruning_settings(cfg.pruning)
+    epochs = check_schedule_fits(settings, cfg.trainer.get("max_epochs"))
     check_logger(cfg.get("logger"))
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = _output_dir(cfg)
-
     dm = _build(cfg.data, "data")
     _check_data(cfg.data, dm)
-    net = _build(cfg.model, "model")
-    if isinstance(net, pl.LightningModule):
-        lit = net
-    else:
-        if not isinstance(net, torch.nn.Module):
-            raise error(
-                "model._target_", cfg.model.get("_target_"), "did not build an nn.Module", "point it at one"
-            )
-        lit = _build(cfg.task, "task", model=net, **_fill_from_data(cfg.task, dm))
-        if hasattr(dm, "example_batch"):
-            lit.example_input_array = dm.example_batch(1)
-    check_layer_names(lit, cfg.pruning.get("ignored_layers"))
-    check_layer_names(lit, list(cfg.pruning.get("pruning_ratio_dict") or {}), "pruning.pruning_ratio_dict")
-
-    pruning_cfg = OmegaConf.create(pruning_kwargs(OmegaConf.to_container(cfg.pruning, resolve=True)))
-    pruning = _build(pruning_cfg, "pruning")
+    lit = _build_module(cfg, dm)
+    check_layer_names(lit, settings.ignored_layers)
+    check_layer_names(lit, list(settings.pruning_ratio_dict), "pruning.pruning_ratio_dict")
+    pruning = _build(cfg.pruning, "pruning")
     snapshot = DenseSnapshot()
+    model_name = type(lit.model if hasattr(lit, "model") else lit).__name__
+    log.info("%s on %s, output in %s", model_name, type(dm).__name__, out_dir)
+    log.info("%s", describe_pruning(settings, epochs, cfg.trainer.get("max_epochs")))
 
-    resolved_path = out_dir / RESOLVED_CONFIG_FILE
-    resolved_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger: Any = False
-    if cfg.get("logger"):
-        logger_cfg = cfg.logger
-        extra = {"save_dir": str(out_dir)} if logger_cfg.get("save_dir", "") is None else {}
-        logger = _build(logger_cfg, "logger", **extra)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.save(str(resolved_path), base_path=str(out_dir), policy="now")
-
+    logger = _make_logger(cfg, out_dir)
     trainer = _build(
         cfg.trainer, "trainer", callbacks=[snapshot, pruning], logger=logger, default_root_dir=str(out_dir)
     )
     fit_start = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     fit_time = time.perf_counter() - fit_start
+    log.info("training done in %.0f s; evaluating and measuring the dense and the pruned model", fit_time)
 
-    dense = snapshot.dense_model()
-    metric = str(cfg.get("metric", "val/acc"))
-    dense_metrics = _evaluate(cfg, dense, dm, out_dir)
-    pruned_metrics = _evaluate(cfg, lit, dm, out_dir)
-    example = lit.example_input_array
-    example = example.cpu() if isinstance(example, torch.Tensor) else example
-    costs = _measure(cfg, {"dense": dense, "pruned": lit}, dm, example)
-    dense_cost, pruned_cost = costs["dense"], costs["pruned"]
-
+    dense, pruned, speedup = _compare(cfg, snapshot.dense_model(), lit, dm, out_dir)
     results: dict[str, Any] = {
-        "model": type(lit.model if hasattr(lit, "model") else lit).__name__,
+        "model": model_name,
         "data": type(dm).__name__,
-        "metric": metric,
-        "pruning": {
-            "importance": pruning_cfg.get("importance")
-            if isinstance(pruning_cfg.get("importance"), str)
-            else "custom",
-            "pruning_ratio": pruning_cfg.get("pruning_ratio"),
-            "target_speedup": pruning_cfg.get("target_speedup"),
-            "epochs": check_schedule_fits(cfg.pruning, cfg.trainer.get("max_epochs")),
-        },
-        "dense": {"accuracy": dense_metrics.get(metric), "metrics": dense_metrics, **dense_cost},
-        "pruned": {"accuracy": pruned_metrics.get(metric), "metrics": pruned_metrics, **pruned_cost},
-        "speedup": {
-            "macs": _ratio(dense_cost["macs"], pruned_cost["macs"]),
-            "params": _ratio(dense_cost["params"], pruned_cost["params"]),
-            "latency": {
-                bs: _ratio(t, pruned_cost["latency_s"][bs]) for bs, t in dense_cost["latency_s"].items()
-            },
-        },
+        "metric": str(cfg.get("metric", "val/acc")),
+        "pruning": _pruning_record(settings, epochs),
+        "dense": dense,
+        "pruned": pruned,
+        "speedup": speedup,
         "widths": _widths(pruning),
-        "steps": [
-            {k: r[k] for k in ("step", "epoch", "macs", "params", "speedup", "channel_ratio") if k in r}
-            for r in getattr(pruning, "records", [])
-        ],
+        "steps": _steps(pruning),
         "dense_epoch": snapshot.epoch,
         "overrides": _overrides(),
         "time_s": {"fit": fit_time},
     }
-
     if cfg.get("save_pruned_model", True) and _save_pruned(lit, pruning, out_dir / PRUNED_MODEL_FILE):
         results["pruned_model"] = PRUNED_MODEL_FILE
     results["time_s"]["total"] = time.perf_counter() - start
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    _log_final(logger, results)
 
-    if logger:
-        flat = {
-            "final/dense_acc": results["dense"]["accuracy"],
-            "final/pruned_acc": results["pruned"]["accuracy"],
-            "final/macs_speedup": results["speedup"]["macs"],
-            "final/params_speedup": results["speedup"]["params"],
-            **{f"final/latency_speedup_bs{bs}": v for bs, v in results["speedup"]["latency"].items()},
-        }
-        logger.log_metrics({k: v for k, v in flat.items() if v is not None})
-        logger.finalize("success")
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
-
-    print(f"\n{results['model']} on {results['data']}: dense vs pruned\n{_format_table(results)}")
-    print(f"results: {out_dir / RESULTS_FILE} ({results['time_s']['total']:.0f} s)")
+    log.info("%s on %s: dense vs pruned\n%s", results["model"], results["data"], _format_table(results))
+    log.info("results: %s (%.0f s)", out_dir / RESULTS_FILE, results["time_s"]["total"])
     return results
 
 
@@ -485,10 +589,12 @@ def main() -> None:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    register_recipes()
+    register_configs()
     app = hydra.main(version_base="1.3", config_path=str(config_path), config_name="config")(_task)
     app()
 
+
+register_configs()
 
 if __name__ == "__main__":
     main()

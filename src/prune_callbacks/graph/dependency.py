@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .index_mapping import RootMap
-from .node import Dependency, Edge, fn_name
+from .node import Dependency, Edge
 
 #: A size-attribute change a group makes: ``(object, attribute, old value, new value)``.
 #: Attributes in angle brackets (``<chunks>``, ``<literal split>``, ``<literal slice>``,
@@ -210,4 +210,13 @@ class Snapshot:
             vars(obj).update(plain)
 
 
-__all__ = ["AttributeUpdate", "Dependency", "Group", "GroupGraph", "GroupItem", "PruningError", "Snapshot", "snapshot"]
+__all__ = [
+    "AttributeUpdate",
+    "Dependency",
+    "Group",
+    "GroupGraph",
+    "GroupItem",
+    "PruningError",
+    "Snapshot",
+    "snapshot",
+]

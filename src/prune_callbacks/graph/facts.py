@@ -111,11 +111,13 @@ class LayerFacts:
 
     def _pruning_function(self, node: Node, side: Side, dim: int | None) -> Callable:
         if node.type == OpType.PARAMETER:
-            out_fn, in_fn = self.param_functions(node, node.pruning_dim if node.pruning_dim is not None else dim)
+            out_fn, in_fn = self.param_functions(
+                node, node.pruning_dim if node.pruning_dim is not None else dim
+            )
         elif node.type.is_virtual:
             return virtual_function(node.type)
         else:
-            out_fn, in_fn = get_pruning_functions(_pruner_of(node))
+            out_fn, in_fn = get_pruning_functions(node.pruner)  # type: ignore[arg-type]  # a module node
             if self.dw_mult(node):
                 out_fn, in_fn = prune_depthwise_conv_out_channels, prune_depthwise_conv_in_channels
         return out_fn if side == "out" else in_fn
@@ -220,10 +222,10 @@ class LayerFacts:
             self._head_reshape_of = {id(e): edges for edges in self._head_reshapes for e in edges}
         return self._head_reshapes
 
-    def head_reshapes_with(self, edge: Edge) -> list[Edge] | None:
-        """The group of :meth:`head_reshape_groups` that ``edge`` belongs to, if any."""
+    def head_reshape_index(self) -> dict[int, list[Edge]]:
+        """``id(edge)`` -> the group of :meth:`head_reshape_groups` holding that edge."""
         self.head_reshape_groups()
-        return self._head_reshape_of.get(id(edge))
+        return self._head_reshape_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +261,10 @@ def head_split_shape(node: Node) -> bool:
         return False
     lead = len(src) - 1
     return (
-        out[-2] > 1 and out[-1] > 1 and math.prod(out[lead:]) == src[-1] and tuple(src[:-1]) == tuple(out[:lead])
+        out[-2] > 1
+        and out[-1] > 1
+        and math.prod(out[lead:]) == src[-1]
+        and tuple(src[:-1]) == tuple(out[:lead])
     )
 
 

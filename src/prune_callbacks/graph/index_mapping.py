@@ -65,6 +65,11 @@ class RootMap:
         return self._t
 
     @property
+    def materialized(self) -> bool:
+        """Whether the id tensor ``t`` exists (a map kept as runs builds it on first use)."""
+        return self._t is not None
+
+    @property
     def ndim(self) -> int:
         return len(self.shape)
 
@@ -476,11 +481,10 @@ def reshape(m: RootMap, in_shape: Sequence[int], out_shape: Sequence[int]) -> Ro
             if ga == [m.dim] and len(gb) == 1:
                 shape = [1] * len(out_shape)
                 shape[gb[0]] = out_shape[gb[0]]
-                explicit = tuple(d == gb[0] for d in range(len(out_shape)))
-                return RootMap.of_runs(shape, gb[0], m.runs, explicit)
+                return RootMap.of_runs(shape, gb[0], m.runs, tuple(d == gb[0] for d in range(len(out_shape))))
     red_in = [1] * len(in_shape)
     red_out = [1] * len(out_shape)
-    explicit = [False] * len(out_shape)
+    explicit: list[bool] = [False] * len(out_shape)
     splits: list[list[int]] = []
     merges: list[list[int]] = []
     for ga, gb in blocks:

@@ -90,11 +90,6 @@ class Node:
         return f"{self.plain_name} ({kind})"
 
     @property
-    def _name(self) -> str:
-        """Former name of :attr:`plain_name`, kept for callers not yet switched to it."""
-        return self.plain_name
-
-    @property
     def is_module(self) -> bool:
         """True for nodes that own parameters (modules and bare parameters)."""
         return not self.type.is_virtual

@@ -10,6 +10,9 @@ from __future__ import annotations
 import enum
 import functools
 import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch.nn as nn
 
@@ -54,85 +57,93 @@ _FIRST_VIRTUAL = int(OpType.CONCAT)
 _NORM_LN = tuple(c for c in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c is not None)
 
 
+def _conv_type(module: nn.modules.conv._ConvNd) -> OpType:
+    """Depthwise convolutions (one group per input channel) couple their input and output channels."""
+    if module.groups > 1 and module.groups == module.in_channels:
+        return OpType.DEPTHWISE_CONV
+    return OpType.CONV
+
+
+# Module classes and their type, tried in order (the first match wins); a callable instead of a
+# type decides from the module itself.
+_MODULE_TYPES: tuple[tuple[type | tuple[type, ...], OpType | Callable[[Any], OpType]], ...] = (
+    (nn.modules.conv._ConvNd, _conv_type),
+    (nn.modules.batchnorm._BatchNorm, OpType.BN),
+    (nn.Linear, OpType.LINEAR),
+    (_NORM_LN, OpType.LN),
+    (nn.GroupNorm, OpType.GN),
+    (nn.modules.instancenorm._InstanceNorm, OpType.IN),
+    (nn.PReLU, OpType.PRELU),
+    (nn.Embedding, OpType.EMBED),
+    (nn.MultiheadAttention, OpType.MHA),
+    ((nn.LSTM, nn.GRU), OpType.LSTM),
+    (nn.Parameter, OpType.PARAMETER),
+)
+
+
 def module2type(module: nn.Module) -> OpType:
-    """Classify a module. Unknown modules fall back to ``ELEMENTWISE``.
+    """Classify a module by the first matching class of ``_MODULE_TYPES``. Unknown modules fall
+    back to ``ELEMENTWISE``.
 
     Depthwise convolutions (one group per input channel) are a separate type because their
     input and output channels are coupled.
     """
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1 and module.groups == module.in_channels:
-            return OpType.DEPTHWISE_CONV
-        return OpType.CONV
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return OpType.BN
-    if isinstance(module, nn.Linear):
-        return OpType.LINEAR
-    if isinstance(module, _NORM_LN):
-        return OpType.LN
-    if isinstance(module, nn.GroupNorm):
-        return OpType.GN
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return OpType.IN
-    if isinstance(module, nn.PReLU):
-        return OpType.PRELU
-    if isinstance(module, nn.Embedding):
-        return OpType.EMBED
-    if isinstance(module, nn.MultiheadAttention):
-        return OpType.MHA
-    if isinstance(module, (nn.LSTM, nn.GRU)):
-        return OpType.LSTM
-    if isinstance(module, nn.Parameter):
-        return OpType.PARAMETER
+    for classes, kind in _MODULE_TYPES:
+        if isinstance(module, classes):
+            return kind if isinstance(kind, OpType) else kind(module)
     return OpType.ELEMENTWISE
 
 
-# Autograd node names (without the trailing version digit) for each virtual type.
-_GRAD_FN_TYPES: dict[OpType, tuple[str, ...]] = {
-    OpType.CONCAT: ("Cat", "Stack"),
-    OpType.SPLIT: ("Split", "SplitWithSizes", "Unbind", "Chunk", "UnsafeSplit", "UnsafeSplitWithSizes"),
-    OpType.RESHAPE: (
-        "View",
-        "Reshape",
-        "ReshapeAlias",
-        "UnsafeView",
-        "Flatten",
-        "Squeeze",
-        "Unsqueeze",
-        "SqueezeDim",
-        "SqueezeDims",
-        "UnsqueezeDim",
-        "Unflatten",
-    ),
-    OpType.PERMUTE: ("Permute", "Transpose", "T"),
-    OpType.SLICE: ("Slice", "Select", "Index", "Narrow", "Gather"),
-    OpType.EXPAND: ("Expand", "Repeat", "RepeatInterleave"),
-    OpType.MATMUL: ("Mm", "Bmm", "Matmul", "Addmm", "Baddbmm", "Mv", "Dot"),
-    OpType.ATTENTION: (
-        "ScaledDotProductFlashAttentionForCpu",
-        "ScaledDotProductEfficientAttention",
-        "ScaledDotProductFlashAttention",
-        "ScaledDotProductAttentionMath",
-        "ScaledDotProductCudnnAttention",
-    ),
-    OpType.REDUCE: (
-        "Mean",
-        "Sum",
-        "Amax",
-        "Amin",
-        "Max",
-        "Min",
-        "Std",
-        "Var",
-        "VarMean",
-        "Norm",
-        "LinalgVectorNorm",
-        "Logsumexp",
-        "Prod",
-        "Cumsum",
-    ),
-}
-_NAME_TO_TYPE = {name: t for t, names in _GRAD_FN_TYPES.items() for name in names}
+#: Autograd node names (without the ``Backward<n>`` suffix) of each virtual op type: the op
+#: vocabulary (read-only). A name found nowhere here is elementwise. The propagation rules
+#: registry (:mod:`.rules`) gives each of these names its family's rule.
+GRAD_FN_TYPES: Mapping[OpType, tuple[str, ...]] = MappingProxyType(
+    {
+        OpType.CONCAT: ("Cat", "Stack"),
+        OpType.SPLIT: ("Split", "SplitWithSizes", "Unbind", "Chunk", "UnsafeSplit", "UnsafeSplitWithSizes"),
+        OpType.RESHAPE: (
+            "View",
+            "Reshape",
+            "ReshapeAlias",
+            "UnsafeView",
+            "Flatten",
+            "Squeeze",
+            "Unsqueeze",
+            "SqueezeDim",
+            "SqueezeDims",
+            "UnsqueezeDim",
+            "Unflatten",
+        ),
+        OpType.PERMUTE: ("Permute", "Transpose", "T"),
+        OpType.SLICE: ("Slice", "Select", "Index", "Narrow", "Gather"),
+        OpType.EXPAND: ("Expand", "Repeat", "RepeatInterleave"),
+        OpType.MATMUL: ("Mm", "Bmm", "Matmul", "Addmm", "Baddbmm", "Mv", "Dot"),
+        OpType.ATTENTION: (
+            "ScaledDotProductFlashAttentionForCpu",
+            "ScaledDotProductEfficientAttention",
+            "ScaledDotProductFlashAttention",
+            "ScaledDotProductAttentionMath",
+            "ScaledDotProductCudnnAttention",
+        ),
+        OpType.REDUCE: (
+            "Mean",
+            "Sum",
+            "Amax",
+            "Amin",
+            "Max",
+            "Min",
+            "Std",
+            "Var",
+            "VarMean",
+            "Norm",
+            "LinalgVectorNorm",
+            "Logsumexp",
+            "Prod",
+            "Cumsum",
+        ),
+    }
+)
+_NAME_TO_TYPE = {name: t for t, names in GRAD_FN_TYPES.items() for name in names}
 
 # Elementwise-style ops we know about (activation, arithmetic, pooling, dropout, casts...).
 # They keep the channel layout of their inputs; anything else also falls back to elementwise,
@@ -281,14 +292,19 @@ KNOWN_ELEMENTWISE = frozenset(
 _SUFFIX = re.compile(r"(Backward\d*)$")
 
 
-def grad_fn_name(grad_fn: object) -> str:
+def grad_fn_name(grad_fn: Any) -> str:
     """``'ConvolutionBackward0'`` -> ``'Convolution'``."""
-    return _op_name(type(grad_fn))
+    return _op_name(type(grad_fn))  # type: ignore[arg-type]  # mypy sees no class as Hashable
 
 
 @functools.cache
 def _op_name(cls: type) -> str:
     return _SUFFIX.sub("", cls.__name__)
+
+
+def op_name2type(name: str) -> OpType:
+    """The type of a virtual op from its autograd node name. Unknown names map to elementwise."""
+    return _NAME_TO_TYPE.get(name, OpType.ELEMENTWISE)
 
 
 def grad_fn2type(grad_fn: object) -> OpType:

@@ -37,10 +37,9 @@ def correspondence(
 ) -> Match | None:
     """Pair ``explored`` (a connected region containing ``root``) with the region around
     ``other_root``; None unless the two are identical for a closure."""
-    nodes: dict[Node, Node] = {root: other_root}
-    taken = {id(other_root)}
-    edges: dict[Edge, Edge] = {}
-    stack = [root]
+    pairing = _Pairing(explored, root, other_root)
+    stack = pairing.stack
+    nodes = pairing.nodes
     while stack:
         a = stack.pop()
         b = nodes[a]
@@ -51,38 +50,59 @@ def correspondence(
                 if ea is not eb:
                     return None
                 continue
-            known = edges.get(ea)
-            if known is not None:
-                if known is not eb:
-                    return None
-                continue
-            if (
-                ea.src_pos != eb.src_pos
-                or ea.shape != eb.shape
-                or ea.is_output != eb.is_output
-                or len(ea.dsts) != len(eb.dsts)
-            ):
+            if not pairing.pair_edges(ea, eb):
                 return None
-            edges[ea] = eb
-            ends = [(ea.src, eb.src)]
-            for (x, px), (y, py) in zip(ea.dsts, eb.dsts):
-                if px != py:
-                    return None
-                ends.append((x, y))
-            for x, y in ends:
-                paired = nodes.get(x)
-                if paired is None:
-                    if id(y) in taken:
-                        return None
-                    nodes[x] = y
-                    taken.add(id(y))
-                    if x in explored:
-                        stack.append(x)
-                elif paired is not y:
-                    return None
     if any(n not in nodes for n in explored):
         return None
-    return Match(nodes, edges)
+    return Match(nodes, pairing.edges)
+
+
+class _Pairing:
+    """The state of one :func:`correspondence` walk: the pairs found so far, the counterparts
+    already taken, and the explored nodes whose neighbourhoods are still to compare."""
+
+    __slots__ = ("explored", "nodes", "taken", "edges", "stack")
+
+    def __init__(self, explored: Collection[Node], root: Node, other_root: Node) -> None:
+        self.explored = explored
+        self.nodes: dict[Node, Node] = {root: other_root}
+        self.taken = {id(other_root)}
+        self.edges: dict[Edge, Edge] = {}
+        self.stack = [root]
+
+    def pair_edges(self, ea: Edge, eb: Edge) -> bool:
+        """Pair two tensors and the nodes at their ends; False on any difference."""
+        known = self.edges.get(ea)
+        if known is not None:
+            return known is eb
+        if (
+            ea.src_pos != eb.src_pos
+            or ea.shape != eb.shape
+            or ea.is_output != eb.is_output
+            or len(ea.dsts) != len(eb.dsts)
+        ):
+            return False
+        self.edges[ea] = eb
+        if not self.pair_nodes(ea.src, eb.src):
+            return False
+        for (x, px), (y, py) in zip(ea.dsts, eb.dsts):  # noqa: SIM110 - no generator per tensor here
+            if px != py or not self.pair_nodes(x, y):
+                return False
+        return True
+
+    def pair_nodes(self, x: Node, y: Node) -> bool:
+        """Pair ``x`` with ``y`` (queueing ``x`` when explored); False if either is paired
+        otherwise."""
+        paired = self.nodes.get(x)
+        if paired is not None:
+            return paired is y
+        if id(y) in self.taken:
+            return False
+        self.nodes[x] = y
+        self.taken.add(id(y))
+        if x in self.explored:
+            self.stack.append(x)
+        return True
 
 
 def freeze(value: Any) -> Any:

@@ -21,9 +21,9 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..layers import LayerPruner, get_pruner
 from .node import Edge, Node
 from .ops import OpType, grad_fn2type, grad_fn_name, is_known_grad_fn, module2type
-from ..layers import LayerPruner, get_pruner
 
 # Modules whose inputs after the first are not channel inputs (e.g. an LSTM's initial state).
 _FIRST_INPUT_ONLY = (nn.LSTM, nn.GRU, nn.RNNBase)
@@ -209,10 +209,11 @@ class _ShapeOnlyMode(TorchDispatchMode):
             return torch.empty(shape, dtype=dtype, device="meta")
         if func in _MATMUL_OPS:
             a, b = args[-2], args[-1]
-            shape = (*a.shape[:-1], b.shape[-1])
-            return torch.empty(shape, dtype=torch.promote_types(a.dtype, b.dtype), device="meta")
+            return torch.empty(
+                (*a.shape[:-1], b.shape[-1]), dtype=torch.promote_types(a.dtype, b.dtype), device="meta"
+            )
         if func is torch.ops.aten.convolution.default and len(args) == 9 and not kwargs:
-            out = _conv_result(*args)
+            out = conv_result(*args)
             if out is not None:
                 return out
         if func is torch.ops.aten.native_layer_norm.default:
@@ -244,7 +245,7 @@ def _meta_like(x: torch.Tensor) -> torch.Tensor:
     return _meta(x.shape, x.dtype) if x.is_contiguous() else torch.empty_like(x)
 
 
-def _conv_result(
+def conv_result(
     x: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None,
@@ -334,9 +335,10 @@ def leaf_modules(
     """Modules the graph treats as single nodes: those with a pruner. Their children are not
     visited (a module with a custom pruner is atomic)."""
     found: dict[nn.Module, tuple[str, LayerPruner]] = {}
+    custom = dict(customized) if customized else None
 
     def visit(module: nn.Module, prefix: str) -> None:
-        pruner = get_pruner(module, customized)
+        pruner = get_pruner(module, custom)
         if pruner is not None:
             found.setdefault(module, (prefix, pruner))
             return
@@ -377,7 +379,9 @@ def _trace(
     leaves: dict[nn.Module, tuple[str, LayerPruner]],
     meta: bool,
 ) -> Trace:
-    module_names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    """One trace: run the model on stand-ins of its parameters and inputs (meta tensors with
+    ``meta``) with :class:`_ForwardRecorder` hooks, then build the nodes from the autograd graph
+    of its outputs (:class:`_GraphBuilder`)."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     if meta:
@@ -388,25 +392,96 @@ def _trace(
         stand_in = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         stand_in.update({n: b.clone() for n, b in buffers.items()})
         inputs = map_tensors(example_inputs, lambda t: _input_stand_in(t.detach()))
-    input_ids = {id(t) for t in flatten_tensors(inputs) if t.requires_grad}
-    original_param = {id(stand_in[n]): p for n, p in params.items()}
-    param_names = {p: n for n, p in params.items()}
+    recorder = _ForwardRecorder(model, leaves)
+    out = recorder.run(stand_in, inputs, forward_fn, output_transform, meta)
+    outputs = [t for t in flatten_tensors(out) if t.grad_fn is not None]
+    if not outputs:
+        raise RuntimeError(
+            "the model's output has no tensor that depends on its parameters: "
+            "pass output_transform= to select the tensors to trace"
+        )
+    builder = _GraphBuilder(recorder, unwrapped)
+    builder.original_param = {id(stand_in[n]): p for n, p in params.items()}
+    builder.param_names = {p: n for n, p in params.items()}
+    builder.input_ids = {id(t) for t in flatten_tensors(inputs) if t.requires_grad}
+    builder.build(outputs)
+    if not meta:
+        # Real-valued autograd nodes hold activations: keep only their names.
+        for node in builder.nodes:
+            node.grad_fn = type(node.grad_fn).__name__
+    return Trace(builder.nodes, builder.module_nodes, builder.param_nodes, builder.unknown, meta)
 
-    out_fn_module: dict[Any, nn.Module] = {}
-    module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
-    running: list[nn.Module] = []  # modules whose forward is executing, innermost last
-    arg_shapes = _ArgShapes(running)
-    # Inside a layer the trace needs only what goes in and what comes out (its own ops become
-    # its node), so the argument recorder is switched off there: it is most of a trace's cost.
-    quiet: list[Any] = []
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        running.append(module)
-        if module in leaves:
+class _ForwardRecorder:
+    """Runs the model once with a hook on every module, recording per leaf module (a module with
+    a pruner) the autograd nodes of its inputs and outputs, and per op (through
+    :class:`_ArgShapes`) its argument shapes and the module running it.
+
+    Fields: ``model``, ``leaves`` (leaf module -> (name, pruner)), ``module_names`` (every
+    module's name), ``running`` (modules whose forward is executing, innermost last),
+    ``arg_shapes``, ``quiet`` (the torch-function switches turned off inside running leaves),
+    ``out_fn_module`` (autograd node of a leaf's output -> the leaf) and ``module_inputs``
+    (leaf -> the (autograd node, output number) of each input, None for a constant).
+    """
+
+    __slots__ = (
+        "model",
+        "leaves",
+        "module_names",
+        "running",
+        "arg_shapes",
+        "quiet",
+        "out_fn_module",
+        "module_inputs",
+    )
+
+    def __init__(self, model: nn.Module, leaves: dict[nn.Module, tuple[str, LayerPruner]]) -> None:
+        self.model = model
+        self.leaves = leaves
+        self.module_names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        self.running: list[nn.Module] = []
+        self.arg_shapes = _ArgShapes(self.running)
+        # Inside a layer the trace needs only what goes in and what comes out (its own ops become
+        # its node), so the argument recorder is switched off there: it is most of a trace's cost.
+        self.quiet: list[Any] = []
+        self.out_fn_module: dict[Any, nn.Module] = {}
+        self.module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
+
+    def run(
+        self,
+        stand_in: dict[str, torch.Tensor],
+        inputs: Any,
+        forward_fn: Callable | None,
+        output_transform: Callable | None,
+        meta: bool,
+    ) -> Any:
+        """The model's (transformed) output on ``inputs`` with ``stand_in`` parameters and buffers."""
+        handles = []
+        for m in self.module_names:
+            handles.append(m.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
+            handles.append(m.register_forward_hook(self.post_hook, with_kwargs=True))
+        runner = _Runner(self.model, forward_fn or call_model, inputs)
+        try:
+            with torch.enable_grad(), self.arg_shapes, _ShapeOnlyMode() if meta else contextlib.nullcontext():
+                out = functional_call(
+                    runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False
+                )
+                if output_transform is not None:
+                    out = output_transform(out)
+        finally:
+            while self.quiet:  # a layer that raised never reached its post hook
+                self.quiet.pop().__exit__(None, None, None)
+            for h in handles:
+                h.remove()
+        return out
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.running.append(module)
+        if module in self.leaves:
             tensors = flatten_tensors((args, kwargs))
             if isinstance(module, _FIRST_INPUT_ONLY):
                 tensors = tensors[:1]
-            lst = module_inputs.setdefault(module, [])
+            lst = self.module_inputs.setdefault(module, [])
             for t in tensors:
                 lst.append(
                     (t.grad_fn, t.output_nr)
@@ -417,121 +492,160 @@ def _trace(
                 )
             off = torch._C.DisableTorchFunction()
             off.__enter__()
-            quiet.append(off)
+            self.quiet.append(off)
 
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        running.pop()
-        if module in leaves:
-            quiet.pop().__exit__(None, None, None)
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.running.pop()
+        if module in self.leaves:
+            self.quiet.pop().__exit__(None, None, None)
             for t in flatten_tensors(output):
                 if t.grad_fn is not None:
-                    out_fn_module.setdefault(t.grad_fn, module)
+                    self.out_fn_module.setdefault(t.grad_fn, module)
 
-    def _leaf_fn(t: torch.Tensor) -> Any:
-        # A parameter fed straight into a module: reach its AccumulateGrad node through a view.
-        return t.view_as(t).grad_fn.next_functions[0][0]
 
-    handles = []
-    for m in module_names:
-        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
-    runner = _Runner(model, forward_fn or call_model, inputs)
-    try:
-        with torch.enable_grad(), arg_shapes, _ShapeOnlyMode() if meta else contextlib.nullcontext():
-            out = functional_call(runner, {f"model.{k}": v for k, v in stand_in.items()}, (), strict=False)
-            if output_transform is not None:
-                out = output_transform(out)
-    finally:
-        while quiet:  # a layer that raised never reached its post hook
-            quiet.pop().__exit__(None, None, None)
-        for h in handles:
-            h.remove()
+def _leaf_fn(t: torch.Tensor) -> Any:
+    """A parameter fed straight into a module: reach its AccumulateGrad node through a view."""
+    return t.view_as(t).grad_fn.next_functions[0][0]  # type: ignore[union-attr]  # a view has one
 
-    outputs = [t for t in flatten_tensors(out) if t.grad_fn is not None]
-    if not outputs:
-        raise RuntimeError(
-            "the model's output has no tensor that depends on its parameters: "
-            "pass output_transform= to select the tensors to trace"
-        )
 
-    nodes: list[Node] = []
-    module_nodes: dict[nn.Module, Node] = {}
-    param_nodes: dict[nn.Parameter, Node] = {}
-    fn_nodes: dict[Any, Node] = {}
-    edges: dict[tuple[int, int], Edge] = {}
-    unknown: set[str] = set()
-    pending: list[Node] = []
+class _GraphBuilder:
+    """Builds the nodes and edges of a trace from the autograd graph of the outputs, walking it
+    backwards from them: a leaf module's output node becomes the module's node (its inputs are
+    the ones :class:`_ForwardRecorder` saw), an AccumulateGrad node a parameter or input node,
+    any other autograd node a virtual op node.
 
-    def node_of(fn: Any) -> Node:
-        node = fn_nodes.get(fn)
+    Fields: ``recorder`` (what the forward pass recorded), ``unwrapped`` (bare parameters to
+    prune -> dim), ``original_param`` (id of a stand-in -> the model's parameter),
+    ``param_names``, ``input_ids`` (ids of the input stand-ins), the results ``nodes``,
+    ``module_nodes``, ``param_nodes``, ``unknown`` (op names treated as elementwise), and the
+    walk's ``fn_nodes`` (autograd node -> node), ``edges`` ((autograd node id, output number) ->
+    edge) and ``pending`` (nodes whose inputs are not linked yet).
+    """
+
+    __slots__ = (
+        "recorder",
+        "unwrapped",
+        "original_param",
+        "param_names",
+        "input_ids",
+        "nodes",
+        "module_nodes",
+        "param_nodes",
+        "unknown",
+        "fn_nodes",
+        "edges",
+        "pending",
+    )
+
+    def __init__(self, recorder: _ForwardRecorder, unwrapped: dict[nn.Parameter, int | None]) -> None:
+        self.recorder = recorder
+        self.unwrapped = unwrapped
+        self.original_param: dict[int, nn.Parameter] = {}
+        self.param_names: dict[nn.Parameter, str] = {}
+        self.input_ids: set[int] = set()
+        self.nodes: list[Node] = []
+        self.module_nodes: dict[nn.Module, Node] = {}
+        self.param_nodes: dict[nn.Parameter, Node] = {}
+        self.unknown: set[str] = set()
+        self.fn_nodes: dict[Any, Node] = {}
+        self.edges: dict[tuple[int, int], Edge] = {}
+        self.pending: list[Node] = []
+
+    def build(self, outputs: list[torch.Tensor]) -> None:
+        """Nodes and edges of everything the outputs depend on, with inputs and outputs linked."""
+        for t in outputs:
+            self.edge_of(t.grad_fn, t.output_nr).is_output = True
+        pending = self.pending
+        while pending:
+            self.link_inputs(pending.pop())
+        for node in self.nodes:
+            for e in node.out_edges:
+                for dst, _ in e.dsts:
+                    node.add_output(dst)
+                    dst.add_input(node)
+
+    def node_of(self, fn: Any) -> Node:
+        """The node of an autograd node (made on first sight)."""
+        node = self.fn_nodes.get(fn)
         if node is not None:
             return node
-        module = out_fn_module.get(fn)
+        module = self.recorder.out_fn_module.get(fn)
         if module is not None:
-            node = module_nodes.get(module)
+            node = self.module_nodes.get(module)
             if node is None:
-                name, pruner = leaves[module]
-                node = Node(module, fn, name, _leaf_type(module, pruner), pruner)
-                module_nodes[module] = node
-                nodes.append(node)
-                pending.append(node)
+                node = self.module_nodes[module] = self._new_module_node(module, fn)
         elif hasattr(fn, "variable"):
-            param = original_param.get(id(fn.variable))
-            if param is None:
-                if id(fn.variable) not in input_ids:
-                    raise RuntimeError(
-                        "the forward pass uses a tensor that requires grad but is neither a "
-                        "model parameter nor an example input"
-                    )
-                node = Node(None, fn, "input", OpType.INPUT)
-                node.attrs.update(op="input", in_shapes=[], out_shapes=[tuple(fn.variable.shape)])
-                nodes.append(node)
-                fn_nodes[fn] = node
-                return node
-            node = param_nodes.get(param)
-            if node is None:
-                node = Node(param, fn, param_names[param], OpType.PARAMETER)
-                node.pruning_dim = unwrapped.get(param) if param in unwrapped else None
-                param_nodes[param] = node
-                nodes.append(node)
+            node = self._leaf_node(fn)
         else:
-            op_type = grad_fn2type(fn)
-            if op_type == OpType.ELEMENTWISE and not is_known_grad_fn(fn):
-                unknown.add(grad_fn_name(fn))
-            node = Node(None, fn, grad_fn_name(fn), op_type)
-            owner = arg_shapes.owners.get(fn)
-            node.owner = owner
-            node.owner_name = module_names.get(owner) if owner is not None else None
-            nodes.append(node)
-            pending.append(node)
-        fn_nodes[fn] = node
+            node = self._new_op_node(fn)
+        self.fn_nodes[fn] = node
         return node
 
-    def edge_of(fn: Any, nr: int) -> Edge:
+    def _new_module_node(self, module: nn.Module, fn: Any) -> Node:
+        name, pruner = self.recorder.leaves[module]
+        node = Node(module, fn, name, _leaf_type(module, pruner), pruner)
+        self.nodes.append(node)
+        self.pending.append(node)
+        return node
+
+    def _leaf_node(self, fn: Any) -> Node:
+        """The node of an AccumulateGrad node: a parameter's node, or the input's."""
+        param = self.original_param.get(id(fn.variable))
+        if param is None:
+            if id(fn.variable) not in self.input_ids:
+                raise RuntimeError(
+                    "the forward pass uses a tensor that requires grad but is neither a "
+                    "model parameter nor an example input"
+                )
+            node = Node(None, fn, "input", OpType.INPUT)
+            node.attrs.update(op="input", in_shapes=[], out_shapes=[tuple(fn.variable.shape)])
+            self.nodes.append(node)
+            return node
+        known = self.param_nodes.get(param)
+        if known is not None:
+            return known
+        node = Node(param, fn, self.param_names[param], OpType.PARAMETER)
+        node.pruning_dim = self.unwrapped.get(param) if param in self.unwrapped else None
+        self.param_nodes[param] = node
+        self.nodes.append(node)
+        return node
+
+    def _new_op_node(self, fn: Any) -> Node:
+        op_type = grad_fn2type(fn)
+        if op_type == OpType.ELEMENTWISE and not is_known_grad_fn(fn):
+            self.unknown.add(grad_fn_name(fn))
+        node = Node(None, fn, grad_fn_name(fn), op_type)
+        owner = self.recorder.arg_shapes.owners.get(fn)
+        node.owner = owner
+        node.owner_name = self.recorder.module_names.get(owner) if owner is not None else None
+        self.nodes.append(node)
+        self.pending.append(node)
+        return node
+
+    def edge_of(self, fn: Any, nr: int) -> Edge:
+        """The edge of output ``nr`` of an autograd node (made on first sight)."""
         key = (id(fn), nr)
-        e = edges.get(key)
+        e = self.edges.get(key)
         if e is None:
-            src = node_of(fn)
+            src = self.node_of(fn)
             e = Edge(src, nr, _shape(fn, nr))
             src.out_edges.append(e)
-            edges[key] = e
+            self.edges[key] = e
         return e
 
-    for t in outputs:
-        edge_of(t.grad_fn, t.output_nr).is_output = True
-    while pending:
-        node = pending.pop()
+    def link_inputs(self, node: Node) -> None:
+        """Give ``node`` its input edges and the recorded attributes index mapping needs."""
         if node.type.is_virtual:
             srcs = node.grad_fn.next_functions
             node.attrs["out_shapes"] = [tuple(m.shape) for m in node.grad_fn._input_metadata]
         else:
-            srcs = module_inputs.get(node.module, [])
+            srcs = self.recorder.module_inputs.get(node.module, [])
         for fn_nr in srcs:
             fn = fn_nr[0] if fn_nr is not None else None
             if fn is None:
                 node.in_edges.append(None)
                 continue
-            e = edge_of(fn, fn_nr[1])
+            e = self.edge_of(fn, fn_nr[1])
             e.dsts.append((node, len(node.in_edges)))
             node.in_edges.append(e)
         node.attrs["in_shapes"] = [e.shape if e is not None else None for e in node.in_edges]
@@ -541,25 +655,18 @@ def _trace(
                 node.attrs["channel_dims"] = dims
         if node.type.is_virtual:
             _read_saved(node)
-            # Shapes of constant operands (tensors without grad): the op's own arguments.
-            node.attrs["call"] = arg_shapes.calls.get(node.grad_fn, "")
-            args = arg_shapes.shapes.get(node.grad_fn)
-            if args is not None and len(args) == len(node.in_edges):
-                node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
-            elif args is not None and node.type == OpType.ATTENTION and len(args) > 3 == len(node.in_edges):
-                # the fused op does not record a constant mask as an input: keep its shape
-                node.attrs["const_shapes"] = [None, None, None, args[3]]
+            self._read_arguments(node)
 
-    for node in nodes:
-        for e in node.out_edges:
-            for dst, _ in e.dsts:
-                node.add_output(dst)
-                dst.add_input(node)
-    if not meta:
-        # Real-valued autograd nodes hold activations: keep only their names.
-        for node in nodes:
-            node.grad_fn = type(node.grad_fn).__name__
-    return Trace(nodes, module_nodes, param_nodes, unknown, meta)
+    def _read_arguments(self, node: Node) -> None:
+        """The op's call name and the shapes of its constant operands (tensors without grad)."""
+        arg_shapes = self.recorder.arg_shapes
+        node.attrs["call"] = arg_shapes.calls.get(node.grad_fn, "")
+        args = arg_shapes.shapes.get(node.grad_fn)
+        if args is not None and len(args) == len(node.in_edges):
+            node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
+        elif args is not None and node.type == OpType.ATTENTION and len(args) > 3 == len(node.in_edges):
+            # the fused op does not record a constant mask as an input: keep its shape
+            node.attrs["const_shapes"] = [None, None, None, args[3]]
 
 
 class _Runner(nn.Module):
@@ -666,7 +773,7 @@ def _read_saved(node: Node) -> None:
     """Copy the autograd node's saved scalars (dims, sizes...) that index mapping needs."""
     fn = node.grad_fn
     node.attrs["op"] = grad_fn_name(fn)
-    for key, attr in _saved_attrs(type(fn)):
+    for key, attr in _saved_attrs(type(fn)):  # type: ignore[arg-type]  # classes are hashable
         try:
             node.attrs[key] = _signed(getattr(fn, attr))
         except RuntimeError:

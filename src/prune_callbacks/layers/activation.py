@@ -21,14 +21,14 @@ from .base import (
 __all__ = ["PRELU_PRUNER", "PReLUPruner", "prune_prelu_in_channels", "prune_prelu_out_channels"]
 
 
-class PReLUPruner(CoupledPruner):
+class PReLUPruner(CoupledPruner[nn.PReLU]):
     """``nn.PReLU``: one slope per channel, or a single shared slope (nothing to prune)."""
 
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: nn.PReLU) -> int | None:
         """``num_parameters``, or ``None`` for a shared slope (any channel count works)."""
         return None if module.num_parameters == 1 else module.num_parameters
 
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: nn.PReLU, idxs: Idxs) -> nn.PReLU:
         """Slice the slopes; a shared slope is left alone."""
         if module.num_parameters == 1:
             return module
@@ -39,7 +39,7 @@ class PReLUPruner(CoupledPruner):
             module.num_parameters = len(keep)
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.PReLU, side: Side) -> ParamViews:
         """One slope per channel; nothing for a shared slope."""
         check_side(side)
         return [] if module.num_parameters == 1 else [("weight", vector_view)]

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class MultiheadAttentionPruner(CoupledPruner):
+class MultiheadAttentionPruner(CoupledPruner[nn.MultiheadAttention]):
     """``nn.MultiheadAttention`` embed-dim pruning (input and output channels are coupled).
 
     Channel ``j`` of the embed dim is row ``j`` of the q, k and v projections, column ``j`` of the
@@ -40,11 +40,11 @@ class MultiheadAttentionPruner(CoupledPruner):
     inputs are other tensors and keep their sizes.
     """
 
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: nn.MultiheadAttention) -> int | None:
         """``embed_dim``."""
         return module.embed_dim
 
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: nn.MultiheadAttention, idxs: Idxs) -> nn.MultiheadAttention:
         """Remove embed-dim channels from every projection and update the size attributes."""
         embed = module.embed_dim
         removed = normalize_idxs(idxs, embed, module)
@@ -80,7 +80,7 @@ class MultiheadAttentionPruner(CoupledPruner):
             module.kdim = module.vdim = new
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.MultiheadAttention, side: Side) -> ParamViews:
         """Rows of q/k/v (3 blocks), query columns, bias_k/v, out_proj rows and columns."""
         check_side(side)
         embed = module.embed_dim

@@ -32,7 +32,7 @@ import contextlib
 import contextvars
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,9 @@ ViewFn = Callable[[Tensor], Tensor]
 ParamViews = list[tuple[str, ViewFn]]
 Idxs = Sequence[int] | Tensor
 ParamUpdate = tuple[nn.Parameter, tuple[int, ...], Callable[[Tensor], Tensor]]
+# The module class a pruner handles (a bare ``nn.Parameter`` for ParameterPruner). Only for type
+# checking: the registry decides at runtime which pruner a module gets.
+ModuleT = TypeVar("ModuleT", bound="nn.Module | Tensor")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +163,8 @@ def update_parameter(param: Tensor, fn: Callable[[Tensor], Tensor], dim: int) ->
         sliced[key] = param
     log = _UPDATES.get()
     if log is not None:
-        log.append((param, tuple(param.shape), fn))
+        # torch's stubs type module weights as Tensor; at runtime they are Parameters.
+        log.append((cast(nn.Parameter, param), tuple(param.shape), fn))
     param.data = fn(param.data)
     if param.grad is not None:
         param.grad = fn(param.grad)
@@ -229,20 +233,21 @@ def columns_without_rows_view(channels: int, col_blocks: int = 1) -> ViewFn:
 # ---------------------------------------------------------------------------------------------
 
 
-class PruningFunction:
+class PruningFunction(Generic[ModuleT]):
     """A callable ``fn(module, idxs) -> module`` bound to one pruner and one side.
 
     Other code can ask it which pruner (``fn.pruner``) and side (``fn.side``) it uses; public ones
-    are found again by name with :func:`function_by_name` (history replay, pickling).
+    are found again by name with :func:`function_by_name` (history replay, pickling). The type
+    parameter is the pruner's module class.
     """
 
-    def __init__(self, pruner: LayerPruner, side: Side, name: str) -> None:
+    def __init__(self, pruner: LayerPruner[ModuleT], side: Side, name: str) -> None:
         check_side(side)
         self.pruner = pruner
         self.side: Side = side
         self.__name__ = name
 
-    def __call__(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def __call__(self, module: ModuleT, idxs: Idxs) -> ModuleT:
         """Prune channels ``idxs`` of ``module`` on this function's side."""
         if self.side == "out":
             return self.pruner.prune_out_channels(module, idxs)
@@ -254,7 +259,7 @@ class PruningFunction:
     def __reduce__(self) -> tuple:
         if _PUBLIC.get(self.__name__) is self:
             return (function_by_name, (self.__name__,))
-        return (PruningFunction, (self.pruner, self.side, self.__name__))
+        return (type(self), (self.pruner, self.side, self.__name__))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +267,7 @@ class PruningFunction:
 # ---------------------------------------------------------------------------------------------
 
 
-class LayerPruner(abc.ABC):
+class LayerPruner(abc.ABC, Generic[ModuleT]):
     """Knows how one family of modules stores its channels and how to remove some.
 
     Subclass it to teach the library a new module type, implementing the four abstract methods
@@ -270,28 +275,29 @@ class LayerPruner(abc.ABC):
     :func:`register_pruner` or through the ``customized`` argument of :func:`get_pruner`. A side
     the module does not have reports ``None`` channels and raises when pruned. Pruners are
     stateless unless stated otherwise. ``function_class`` is the :class:`PruningFunction` type
-    :func:`get_pruning_functions` wraps the pruner in.
+    :func:`get_pruning_functions` wraps the pruner in. The type parameter is the module class the
+    pruner handles (``LayerPruner[nn.Linear]``), for type checking only.
     """
 
-    function_class: ClassVar[type[PruningFunction]] = PruningFunction
+    function_class: ClassVar[type[PruningFunction[Any]]] = PruningFunction
 
     @abc.abstractmethod
-    def out_channels(self, module: nn.Module) -> int | None:
+    def out_channels(self, module: ModuleT) -> int | None:
         """Size of the output channel dim, ``None`` if the module has no prunable outputs."""
 
     @abc.abstractmethod
-    def in_channels(self, module: nn.Module) -> int | None:
+    def in_channels(self, module: ModuleT) -> int | None:
         """Size of the input channel dim, ``None`` if the module has no prunable inputs."""
 
     @abc.abstractmethod
-    def prune_out_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_out_channels(self, module: ModuleT, idxs: Idxs) -> ModuleT:
         """Remove output channels ``idxs`` in place and return the module."""
 
     @abc.abstractmethod
-    def prune_in_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_in_channels(self, module: ModuleT, idxs: Idxs) -> ModuleT:
         """Remove input channels ``idxs`` in place and return the module."""
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: ModuleT, side: Side) -> ParamViews:
         """Per-channel views of the parameters that ``side`` touches.
 
         Returns ``(name, fn)`` pairs: ``name`` is the parameter's name for ``module.get_parameter``
@@ -304,7 +310,7 @@ class LayerPruner(abc.ABC):
         """
         return []
 
-    def coupled(self, module: nn.Module) -> bool:
+    def coupled(self, module: ModuleT) -> bool:
         """True when input and output channels are the same channels (norms, depthwise conv...)."""
         return False
 
@@ -312,36 +318,36 @@ class LayerPruner(abc.ABC):
         return f"{type(self).__name__}()"
 
 
-class CoupledPruner(LayerPruner):
+class CoupledPruner(LayerPruner[ModuleT]):
     """Base for modules whose input and output channels are the same channels (norms, PReLU,
     attention embed dims, bare parameters): subclasses implement :meth:`channels` and
     :meth:`prune` once and both sides use them."""
 
-    def coupled(self, module: nn.Module) -> bool:
+    def coupled(self, module: ModuleT) -> bool:
         """Input and output channels are the same."""
         return True
 
     @abc.abstractmethod
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: ModuleT) -> int | None:
         """Number of channels (both sides)."""
 
     @abc.abstractmethod
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: ModuleT, idxs: Idxs) -> ModuleT:
         """Remove channels ``idxs``; both sides prune the same way."""
 
-    def out_channels(self, module: nn.Module) -> int | None:
+    def out_channels(self, module: ModuleT) -> int | None:
         """Number of channels."""
         return self.channels(module)
 
-    def in_channels(self, module: nn.Module) -> int | None:
+    def in_channels(self, module: ModuleT) -> int | None:
         """Number of channels (same as the output side)."""
         return self.channels(module)
 
-    def prune_out_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_out_channels(self, module: ModuleT, idxs: Idxs) -> ModuleT:
         """Remove channels ``idxs``."""
         return self.prune(module, idxs)
 
-    def prune_in_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_in_channels(self, module: ModuleT, idxs: Idxs) -> ModuleT:
         """Remove channels ``idxs`` (same as the output side)."""
         return self.prune(module, idxs)
 
@@ -351,18 +357,18 @@ class CoupledPruner(LayerPruner):
 # ---------------------------------------------------------------------------------------------
 
 # Module class -> pruner for it (and its subclasses); filled by the family modules.
-DEFAULT_PRUNERS: dict[type, LayerPruner] = {}
+DEFAULT_PRUNERS: dict[type, LayerPruner[Any]] = {}
 # Public pruning functions by name (function_by_name, pickling by name).
 _PUBLIC: dict[str, PruningFunction] = {}
 # Canonical (out, in) functions of each pruner instance given public functions, by id.
 _BUILTIN_FUNCTIONS: dict[int, tuple[PruningFunction, PruningFunction]] = {}
 # Pruner classes whose instances all behave alike, mapped to the instance with public functions.
-_STATELESS_BUILTINS: dict[type, LayerPruner] = {}
+_STATELESS_BUILTINS: dict[type, LayerPruner[Any]] = {}
 # Functions made for other pruners, keyed by id; the pruner is held so its id is never reused.
-_CUSTOM_FUNCTIONS: dict[int, tuple[LayerPruner, PruningFunction, PruningFunction]] = {}
+_CUSTOM_FUNCTIONS: dict[int, tuple[LayerPruner[Any], PruningFunction, PruningFunction]] = {}
 
 
-def register_pruner(module_class: type, pruner: LayerPruner, *, replace: bool = False) -> None:
+def register_pruner(module_class: type, pruner: LayerPruner[Any], *, replace: bool = False) -> None:
     """Make ``pruner`` the default pruner of ``module_class`` and its subclasses.
 
     Every graph built afterwards treats such modules as prunable layers, as if the pruner were
@@ -385,13 +391,13 @@ def register_pruner(module_class: type, pruner: LayerPruner, *, replace: bool = 
     DEFAULT_PRUNERS[module_class] = pruner
 
 
-def _pair(pruner: LayerPruner, stem: str) -> tuple[PruningFunction, PruningFunction]:
+def _pair(pruner: LayerPruner[Any], stem: str) -> tuple[PruningFunction, PruningFunction]:
     cls = type(pruner).function_class
     return (cls(pruner, "out", f"prune_{stem}_out_channels"), cls(pruner, "in", f"prune_{stem}_in_channels"))
 
 
 def define_public_functions(
-    pruner: LayerPruner, stem: str, *, canonical: bool = True, stateless: bool = True
+    pruner: LayerPruner[Any], stem: str, *, canonical: bool = True, stateless: bool = True
 ) -> tuple[PruningFunction, PruningFunction]:
     """Create ``prune_<stem>_out_channels`` / ``prune_<stem>_in_channels`` for ``pruner``.
 
@@ -413,7 +419,9 @@ def define_public_functions(
     return fns
 
 
-def get_pruner(module: object, customized: dict[type, LayerPruner] | None = None) -> LayerPruner | None:
+def get_pruner(
+    module: object, customized: dict[type, LayerPruner[Any]] | None = None
+) -> LayerPruner[Any] | None:
     """Pruner for ``module``: ``customized`` first, then the defaults, most specific class first.
 
     Each table is searched along the module's MRO, so subclasses of registered classes are found
@@ -427,7 +435,7 @@ def get_pruner(module: object, customized: dict[type, LayerPruner] | None = None
     return None
 
 
-def get_pruning_functions(pruner: LayerPruner) -> tuple[PruningFunction, PruningFunction]:
+def get_pruning_functions(pruner: LayerPruner[Any]) -> tuple[PruningFunction, PruningFunction]:
     """``(out_fn, in_fn)`` for ``pruner``: the public functions for built-in pruners.
 
     A fresh instance of a built-in pruner class gets the public functions too when the class is

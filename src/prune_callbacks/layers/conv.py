@@ -24,6 +24,7 @@ from .base import (
 
 __all__ = [
     "CONV_PRUNER",
+    "ConvLayer",
     "ConvPruner",
     "prune_conv_in_channels",
     "prune_conv_out_channels",
@@ -31,8 +32,12 @@ __all__ = [
     "prune_depthwise_conv_out_channels",
 ]
 
+# Every ``nn.modules.conv._ConvNd`` (the class the pruner is registered for) is one of these or a
+# subclass (lazy convolutions); the public classes are named so no private torch name is needed.
+ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
 
-class ConvPruner(LayerPruner):
+
+class ConvPruner(LayerPruner[ConvLayer]):
     """``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``, plain, grouped or depthwise.
 
     Weight layout is ``(out, in/groups, *k)`` for convolutions and ``(in, out/groups, *k)`` for
@@ -43,23 +48,23 @@ class ConvPruner(LayerPruner):
     """
 
     @staticmethod
-    def is_depthwise(module: nn.modules.conv._ConvNd) -> bool:
+    def is_depthwise(module: ConvLayer) -> bool:
         """One group per input channel: input and output channels are tied."""
         return module.groups > 1 and module.groups == module.in_channels
 
-    def out_channels(self, module: nn.Module) -> int | None:
+    def out_channels(self, module: ConvLayer) -> int | None:
         """Number of output channels."""
         return module.out_channels
 
-    def in_channels(self, module: nn.Module) -> int | None:
+    def in_channels(self, module: ConvLayer) -> int | None:
         """Number of input channels."""
         return module.in_channels
 
-    def coupled(self, module: nn.Module) -> bool:
+    def coupled(self, module: ConvLayer) -> bool:
         """Depthwise convolutions tie inputs to outputs; other convolutions do not."""
         return self.is_depthwise(module)
 
-    def prune_out_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_out_channels(self, module: ConvLayer, idxs: Idxs) -> ConvLayer:
         """Remove output channels (whole multiplier blocks for depthwise convolutions)."""
         removed = normalize_idxs(idxs, module.out_channels, module)
         if not removed:
@@ -69,7 +74,7 @@ class ConvPruner(LayerPruner):
         self._prune_side(module, "out", removed)
         return module
 
-    def prune_in_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_in_channels(self, module: ConvLayer, idxs: Idxs) -> ConvLayer:
         """Remove input channels (and, for depthwise convolutions, their output channels)."""
         removed = normalize_idxs(idxs, module.in_channels, module)
         if not removed:
@@ -80,11 +85,11 @@ class ConvPruner(LayerPruner):
         return module
 
     @staticmethod
-    def _row_side(module: nn.Module) -> Side:
+    def _row_side(module: ConvLayer) -> Side:
         return "in" if module.transposed else "out"
 
     @staticmethod
-    def _depthwise_blocks(module: nn.Module, removed: list[int]) -> list[int]:
+    def _depthwise_blocks(module: ConvLayer, removed: list[int]) -> list[int]:
         """Input channels whose whole block of ``m`` output channels is in ``removed``."""
         mult = module.out_channels // module.in_channels
         blocks = sorted({o // mult for o in removed})
@@ -98,7 +103,7 @@ class ConvPruner(LayerPruner):
         return blocks
 
     @staticmethod
-    def _check_groups(module: nn.Module, removed: list[int], total: int) -> None:
+    def _check_groups(module: ConvLayer, removed: list[int], total: int) -> None:
         per_group = total // module.groups
         counts = [0] * module.groups
         for c in removed:
@@ -109,7 +114,7 @@ class ConvPruner(LayerPruner):
                 f"of channels, got per-group counts {counts} ({total} channels, {per_group} per group)"
             )
 
-    def _prune_side(self, module: nn.Module, side: Side, removed: list[int]) -> None:
+    def _prune_side(self, module: ConvLayer, side: Side, removed: list[int]) -> None:
         total = module.out_channels if side == "out" else module.in_channels
         groups = module.groups
         if groups > 1:
@@ -141,7 +146,7 @@ class ConvPruner(LayerPruner):
         else:
             module.in_channels = len(keep)
 
-    def _prune_depthwise(self, module: nn.Module, removed_in: list[int]) -> nn.Module:
+    def _prune_depthwise(self, module: ConvLayer, removed_in: list[int]) -> ConvLayer:
         in_ch, out_ch = module.in_channels, module.out_channels
         mult = out_ch // in_ch
         keep_in = keep_indices(in_ch, removed_in, module.weight.device)
@@ -153,7 +158,7 @@ class ConvPruner(LayerPruner):
         module.groups = len(keep_in)
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: ConvLayer, side: Side) -> ParamViews:
         """Weight rows/columns of each channel (per-group columns for grouped convolutions)."""
         check_side(side)
         in_ch, out_ch, groups = module.in_channels, module.out_channels, module.groups

@@ -26,21 +26,21 @@ __all__ = [
 ]
 
 
-class EmbeddingPruner(LayerPruner):
+class EmbeddingPruner(LayerPruner[nn.Embedding]):
     """``nn.Embedding``: the output channels are the ``embedding_dim`` columns of the table.
 
     Token ids are not channels, so there is no input side.
     """
 
-    def out_channels(self, module: nn.Module) -> int | None:
+    def out_channels(self, module: nn.Embedding) -> int | None:
         """Embedding dimension."""
         return module.embedding_dim
 
-    def in_channels(self, module: nn.Module) -> int | None:
+    def in_channels(self, module: nn.Embedding) -> int | None:
         """Always ``None``: embeddings read token ids, not channels."""
         return None
 
-    def prune_out_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_out_channels(self, module: nn.Embedding, idxs: Idxs) -> nn.Embedding:
         """Remove columns of the embedding table."""
         removed = normalize_idxs(idxs, module.embedding_dim, module)
         if removed:
@@ -49,14 +49,14 @@ class EmbeddingPruner(LayerPruner):
             module.embedding_dim = len(keep)
         return module
 
-    def prune_in_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_in_channels(self, module: nn.Embedding, idxs: Idxs) -> nn.Embedding:
         """Always raises: embeddings have no input channels (token ids are not channels)."""
         raise ValueError(
             f"{type_name(module)} has no input channels to prune (its input is token ids out of "
             f"{module.num_embeddings}); only the embedding_dim={module.embedding_dim} output side exists"
         )
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.Embedding, side: Side) -> ParamViews:
         """Table columns for the out side; nothing for the in side."""
         check_side(side)
         return [("weight", lambda t: t.t())] if side == "out" else []

@@ -21,18 +21,18 @@ from .base import (
 __all__ = ["LINEAR_PRUNER", "LinearPruner", "prune_linear_in_channels", "prune_linear_out_channels"]
 
 
-class LinearPruner(LayerPruner):
+class LinearPruner(LayerPruner[nn.Linear]):
     """``nn.Linear``: weight ``(out, in)`` and optional bias ``(out,)``."""
 
-    def out_channels(self, module: nn.Module) -> int | None:
+    def out_channels(self, module: nn.Linear) -> int | None:
         """Number of output features."""
         return module.out_features
 
-    def in_channels(self, module: nn.Module) -> int | None:
+    def in_channels(self, module: nn.Linear) -> int | None:
         """Number of input features."""
         return module.in_features
 
-    def prune_out_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_out_channels(self, module: nn.Linear, idxs: Idxs) -> nn.Linear:
         """Remove weight rows and bias entries."""
         removed = normalize_idxs(idxs, module.out_features, module)
         if removed:
@@ -42,7 +42,7 @@ class LinearPruner(LayerPruner):
             module.out_features = len(keep)
         return module
 
-    def prune_in_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_in_channels(self, module: nn.Linear, idxs: Idxs) -> nn.Linear:
         """Remove weight columns."""
         removed = normalize_idxs(idxs, module.in_features, module)
         if removed:
@@ -51,7 +51,7 @@ class LinearPruner(LayerPruner):
             module.in_features = len(keep)
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.Linear, side: Side) -> ParamViews:
         """Weight rows and bias (out side) or weight columns (in side)."""
         check_side(side)
         if side == "in":

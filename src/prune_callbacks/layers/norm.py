@@ -31,7 +31,9 @@ __all__ = [
     "BatchNormPruner",
     "GroupNormPruner",
     "InstanceNormPruner",
+    "LayerNormLike",
     "LayerNormPruner",
+    "StatsNorm",
     "prune_batchnorm_in_channels",
     "prune_batchnorm_out_channels",
     "prune_groupnorm_in_channels",
@@ -42,19 +44,33 @@ __all__ = [
     "prune_layernorm_out_channels",
 ]
 
+# The classes under ``_BatchNorm`` / ``_InstanceNorm`` (lazy variants subclass these), named
+# publicly; both store ``num_features`` channels with optional affine weights and running stats.
+StatsNorm = (
+    nn.BatchNorm1d
+    | nn.BatchNorm2d
+    | nn.BatchNorm3d
+    | nn.SyncBatchNorm
+    | nn.InstanceNorm1d
+    | nn.InstanceNorm2d
+    | nn.InstanceNorm3d
+)
+# Norms over trailing dims given by ``normalized_shape``.
+LayerNormLike = nn.LayerNorm | nn.RMSNorm
+
 
 def _affine_views(module: nn.Module, names: Sequence[str] = ("weight", "bias")) -> ParamViews:
     return [(n, vector_view) for n in names if getattr(module, n, None) is not None]
 
 
-class _StatsNormPruner(CoupledPruner):
+class _StatsNormPruner(CoupledPruner[StatsNorm]):
     """Norms storing ``num_features`` channels: optional affine weight/bias and running stats."""
 
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: StatsNorm) -> int | None:
         """``num_features``."""
         return module.num_features
 
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: StatsNorm, idxs: Idxs) -> StatsNorm:
         """Slice weight, bias, running_mean and running_var."""
         removed = normalize_idxs(idxs, module.num_features, module)
         if removed:
@@ -66,7 +82,7 @@ class _StatsNormPruner(CoupledPruner):
             module.num_features = len(keep)
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: StatsNorm, side: Side) -> ParamViews:
         """One weight and one bias value per channel."""
         check_side(side)
         return _affine_views(module)
@@ -80,14 +96,14 @@ class InstanceNormPruner(_StatsNormPruner):
     """``InstanceNorm{1,2,3}d``: same storage as batch norm (optional affine and statistics)."""
 
 
-class LayerNormPruner(CoupledPruner):
+class LayerNormPruner(CoupledPruner[LayerNormLike]):
     """``nn.LayerNorm`` and ``nn.RMSNorm``: channels are the last normalized dim."""
 
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: LayerNormLike) -> int | None:
         """``normalized_shape[-1]``."""
         return module.normalized_shape[-1]
 
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: LayerNormLike, idxs: Idxs) -> LayerNormLike:
         """Slice weight/bias along their last dim and update ``normalized_shape``."""
         shape = tuple(module.normalized_shape)
         removed = normalize_idxs(idxs, shape[-1], module)
@@ -99,7 +115,7 @@ class LayerNormPruner(CoupledPruner):
             module.normalized_shape = (*shape[:-1], len(keep))
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: LayerNormLike, side: Side) -> ParamViews:
         """Every weight/bias value of channel ``j`` (all leading normalized dims)."""
         check_side(side)
         return [
@@ -109,14 +125,14 @@ class LayerNormPruner(CoupledPruner):
         ]
 
 
-class GroupNormPruner(CoupledPruner):
+class GroupNormPruner(CoupledPruner[nn.GroupNorm]):
     """``nn.GroupNorm``: ``num_channels`` must stay divisible by ``num_groups``."""
 
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: nn.GroupNorm) -> int | None:
         """``num_channels``."""
         return module.num_channels
 
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: nn.GroupNorm, idxs: Idxs) -> nn.GroupNorm:
         """Slice weight and bias; refuse a channel count that ``num_groups`` does not divide."""
         removed = normalize_idxs(idxs, module.num_channels, module)
         if not removed:
@@ -133,7 +149,7 @@ class GroupNormPruner(CoupledPruner):
         module.num_channels = new
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.GroupNorm, side: Side) -> ParamViews:
         """One weight and one bias value per channel."""
         check_side(side)
         return _affine_views(module)

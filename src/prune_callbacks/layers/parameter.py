@@ -35,10 +35,10 @@ __all__ = [
 ]
 
 
-class ParameterPruningFunction(PruningFunction):
+class ParameterPruningFunction(PruningFunction[nn.Parameter]):
     """Pruning function for bare Parameters, with an optional ``dim`` argument."""
 
-    def __call__(self, module: nn.Module, idxs: Idxs, dim: int | None = None) -> nn.Module:
+    def __call__(self, module: nn.Parameter, idxs: Idxs, dim: int | None = None) -> nn.Parameter:
         """Prune index ``idxs`` of the Parameter along ``dim`` (default: the pruner's dim)."""
         pruner = self.pruner if dim is None else ParameterPruner(dim)
         if self.side == "out":
@@ -46,7 +46,7 @@ class ParameterPruningFunction(PruningFunction):
         return pruner.prune_in_channels(module, idxs)
 
 
-class ParameterPruner(CoupledPruner):
+class ParameterPruner(CoupledPruner[nn.Parameter]):
     """A bare ``nn.Parameter`` pruned along one dim (the "module" argument is the Parameter).
 
     ``dim=None`` uses the parameter's ``pruning_dim`` attribute when it has one, else 0. Views are
@@ -67,11 +67,11 @@ class ParameterPruner(CoupledPruner):
         dim = self.dim if self.dim is not None else getattr(param, "pruning_dim", 0)
         return operator.index(dim) % param.dim()
 
-    def channels(self, module: nn.Module) -> int | None:
+    def channels(self, module: nn.Parameter) -> int | None:
         """Size of the pruning dim."""
         return module.shape[self.pruning_dim(module)]
 
-    def prune(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune(self, module: nn.Parameter, idxs: Idxs) -> nn.Parameter:
         """Slice the Parameter along its pruning dim (identity kept)."""
         dim = self.pruning_dim(module)
         removed = normalize_idxs(idxs, module.shape[dim], module)
@@ -79,7 +79,7 @@ class ParameterPruner(CoupledPruner):
             select_parameter(module, dim, keep_indices(module.shape[dim], removed))
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.Parameter, side: Side) -> ParamViews:
         """All values of index ``j`` along the pruning dim."""
         check_side(side)
         dim = self.pruning_dim(module)

@@ -27,7 +27,7 @@ __all__ = ["LSTM_PRUNER", "LSTMPruner", "prune_lstm_in_channels", "prune_lstm_ou
 _RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-def _refresh_rnn(module: nn.Module) -> None:
+def _refresh_rnn(module: nn.RNNBase) -> None:
     """Re-read the flat weight list of an RNN module after its parameters changed shape."""
     init = getattr(module, "_init_flat_weights", None)
     if callable(init):
@@ -36,7 +36,7 @@ def _refresh_rnn(module: nn.Module) -> None:
         module.flatten_parameters()
 
 
-class LSTMPruner(LayerPruner):
+class LSTMPruner(LayerPruner[nn.RNNBase]):
     """``nn.LSTM`` and ``nn.GRU`` (any ``RNNBase``): out side = hidden units, in side = input size.
 
     Hidden unit ``j`` is pruned in every layer and direction: its gate rows of ``weight_ih``,
@@ -46,30 +46,30 @@ class LSTMPruner(LayerPruner):
     """
 
     @staticmethod
-    def _gates(module: nn.Module) -> int:
+    def _gates(module: nn.RNNBase) -> int:
         return _RNN_GATES[module.mode]
 
     @staticmethod
-    def _suffixes(module: nn.Module) -> tuple[str, ...]:
+    def _suffixes(module: nn.RNNBase) -> tuple[str, ...]:
         return ("", "_reverse") if module.bidirectional else ("",)
 
     @staticmethod
-    def _check_proj(module: nn.Module) -> None:
+    def _check_proj(module: nn.RNNBase) -> None:
         if getattr(module, "proj_size", 0) > 0:
             raise ValueError(
                 f"{type_name(module)} with proj_size={module.proj_size}: pruning hidden units of "
                 f"projected LSTMs is not supported"
             )
 
-    def out_channels(self, module: nn.Module) -> int | None:
+    def out_channels(self, module: nn.RNNBase) -> int | None:
         """``hidden_size`` (``None`` for a projected LSTM)."""
         return None if getattr(module, "proj_size", 0) > 0 else module.hidden_size
 
-    def in_channels(self, module: nn.Module) -> int | None:
+    def in_channels(self, module: nn.RNNBase) -> int | None:
         """``input_size``."""
         return module.input_size
 
-    def prune_out_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_out_channels(self, module: nn.RNNBase, idxs: Idxs) -> nn.RNNBase:
         """Remove hidden units from every layer and direction."""
         self._check_proj(module)
         hidden = module.hidden_size
@@ -97,7 +97,7 @@ class LSTMPruner(LayerPruner):
         _refresh_rnn(module)
         return module
 
-    def prune_in_channels(self, module: nn.Module, idxs: Idxs) -> nn.Module:
+    def prune_in_channels(self, module: nn.RNNBase, idxs: Idxs) -> nn.RNNBase:
         """Remove input features: columns of the first layer's ``weight_ih``."""
         removed = normalize_idxs(idxs, module.input_size, module)
         if not removed:
@@ -109,7 +109,7 @@ class LSTMPruner(LayerPruner):
         _refresh_rnn(module)
         return module
 
-    def param_views(self, module: nn.Module, side: Side) -> ParamViews:
+    def param_views(self, module: nn.RNNBase, side: Side) -> ParamViews:
         """Gate rows, recurrent columns and next-layer input columns of each hidden unit."""
         check_side(side)
         if side == "in":

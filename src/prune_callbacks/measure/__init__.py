@@ -1,1 +1,3 @@
-"""TODO"""
+"""Cost measurements of a model: MACs and parameters (:func:`.flops.count_macs_and_params`, via
+``torch.utils.flop_counter``) and latency (:func:`.flops.measure_latency`, via
+``torch.utils.benchmark.Timer``). Imports the graph layer only for its model-call convention."""

@@ -8,22 +8,31 @@ puts each submodule back into the train/eval mode it had before.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..graph.tracing import call_model
 
-__all__ = ["call_model", "count_macs_and_params", "count_params", "measure_latency"]
+__all__ = [
+    "call_model",
+    "count_macs_and_params",
+    "count_module_macs",
+    "count_params",
+    "eval_no_grad",
+    "measure_latency",
+]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+#: Untimed calls ``Timer.timeit`` makes before each timed run.
+_TIMER_WARMUP = 2
 
 
 def count_params(model: nn.Module) -> int:
@@ -38,8 +47,11 @@ def count_params(model: nn.Module) -> int:
 
 
 @contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode without autograd, then restore each submodule's own mode."""
+def eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode without autograd, then restore each submodule's own mode.
+
+    Every measurement runs inside it, so measuring never changes a model that is being trained.
+    """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -63,22 +75,29 @@ def count_macs_and_params(
     """
     run = forward_fn if forward_fn is not None else call_model
     counter = FlopCounterMode(display=False)
-    with _eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
+    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
         run(model, example_inputs)
     return int(counter.get_total_flops()) // 2, count_params(model)
 
 
-def _synchronize(example_inputs: Any) -> None:
-    """Wait for queued CUDA work when the inputs live on a GPU, so timings are honest."""
-    tensors: list[torch.Tensor] = []
-    if isinstance(example_inputs, torch.Tensor):
-        tensors = [example_inputs]
-    elif isinstance(example_inputs, Mapping):
-        tensors = [v for v in example_inputs.values() if isinstance(v, torch.Tensor)]
-    elif isinstance(example_inputs, (tuple, list)):
-        tensors = [v for v in example_inputs if isinstance(v, torch.Tensor)]
-    if any(t.is_cuda for t in tensors):
-        torch.cuda.synchronize()
+def count_module_macs(
+    model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None
+) -> tuple[int, dict[str, int]]:
+    """MACs of one forward pass, in total and per submodule (``{name in named_modules(): MACs}``,
+    the root as ``""``; a module's MACs include those of its submodules; modules without MACs are
+    left out). Counted as :func:`count_macs_and_params` counts."""
+    run = forward_fn if forward_fn is not None else call_model
+    counter = FlopCounterMode(display=False)
+    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
+        run(model, example_inputs)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    per: dict[str, int] = {}
+    for name, _module in model.named_modules():
+        key = f"{prefix}.{name}" if name else prefix
+        if key in counts:
+            per[name] = int(sum(counts[key].values())) // 2
+    return int(counter.get_total_flops()) // 2, per
 
 
 def measure_latency(
@@ -90,22 +109,25 @@ def measure_latency(
 ) -> float:
     """Median wall-clock seconds of one forward pass (no_grad, eval mode, modes restored).
 
-    The model runs where it lives (meant for CPU); CUDA work is synchronised before reading the clock.
-    The median is robust to the occasional scheduler hiccup that would skew a mean.
+    ``warmup`` untimed calls first, then ``repeats`` calls timed one by one with
+    :class:`torch.utils.benchmark.Timer`, which synchronises an accelerator before reading the
+    clock and makes two untimed calls before each timed one (those before the first timed call
+    count towards ``warmup``). The model runs where it lives (meant for CPU), with torch's current
+    number of threads. The median is robust to the occasional scheduler hiccup that would skew a
+    mean.
     """
     run = forward_fn if forward_fn is not None else call_model
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    times: list[float] = []
-    with _eval_no_grad(model):
-        for _ in range(warmup):
+    timer = Timer(
+        stmt="run(model, example_inputs)",
+        globals={"run": run, "model": model, "example_inputs": example_inputs},
+        num_threads=torch.get_num_threads(),
+    )
+    with eval_no_grad(model):
+        for _ in range(warmup - _TIMER_WARMUP):
             run(model, example_inputs)
-        _synchronize(example_inputs)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(model, example_inputs)
-            _synchronize(example_inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        (merged,) = Measurement.merge(timer.timeit(number=1) for _ in range(repeats))
+    return merged.median

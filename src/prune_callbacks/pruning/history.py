@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..graph.dependency import snapshot
 from ..layers import (
     LayerPruner,
+    ParameterPruningFunction,
     PruningFunction,
     function_by_name,
     get_pruning_functions,
@@ -113,7 +114,7 @@ def _lookup(model: nn.Module, name: str, modules: dict, params: dict) -> Any:
         return modules[name]
     if name in params:
         return params[name]
-    prefix, path = name, []
+    prefix, path = name, list[str]()
     while prefix and prefix not in modules:
         prefix, _, last = prefix.rpartition(".")
         path.insert(0, last)
@@ -157,8 +158,9 @@ def apply_pruning_history(
                 for fn, item in steps:
                     target = _lookup(model, item["target"], modules, params)
                     try:
-                        if isinstance(target, nn.Parameter):
-                            fn(target, item["idxs"], dim=item.get("dim"))
+                        if isinstance(target, nn.Parameter) and isinstance(fn, ParameterPruningFunction):
+                            # the layer pruners take a bare Parameter as their "module"
+                            fn(cast(Any, target), item["idxs"], dim=item.get("dim"))
                         else:
                             fn(target, item["idxs"])
                     except Exception as e:  # noqa: BLE001 - re-raised with context below

@@ -24,14 +24,21 @@ How a group is scored (every parameter-based criterion):
 
 Gradient criteria (:class:`TaylorImportance`, :class:`FisherImportance`) read statistics that
 :meth:`~GradientImportance.accumulate` collects from ``.grad`` after each backward pass.
+
+**State.** Every criterion owns its state and saves it as plain data and tensors:
+``state = importance.state_dict(model)`` and ``importance.load_state_dict(state, model)`` (a
+fresh criterion of the same kind then scores exactly as the saved one did). Gradient criteria
+save their accumulated statistics, keyed by parameter name in ``model``; the random criterion
+saves its generator; the others have nothing to save (``{}``).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from itertools import chain
 from typing import Any
 
@@ -50,8 +57,12 @@ __all__ = [
     "MagnitudeImportance",
     "RandomImportance",
     "TaylorImportance",
+    "GroupIndex",
+    "GroupIndexCache",
     "get_importance",
     "group_index",
+    "group_indexes",
+    "importance_key",
     "root_ids",
 ]
 
@@ -80,7 +91,9 @@ class Importance:
     """Base class: ``importance(group) -> Tensor | None``, one score per root channel.
 
     Subclasses implement :meth:`__call__`. ``requires_gradients`` tells a pruner that the
-    criterion needs :meth:`GradientImportance.accumulate` calls before scoring.
+    criterion needs :meth:`GradientImportance.accumulate` calls before scoring. A criterion with
+    state (statistics, a random generator) saves and restores it with :meth:`state_dict` and
+    :meth:`load_state_dict`.
     """
 
     requires_gradients: bool = False
@@ -94,6 +107,17 @@ class Importance:
 
     def reset(self) -> None:
         """Forget accumulated statistics (nothing to forget for most criteria)."""
+
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The criterion's state as plain data and tensors (``{}``: nothing to save).
+
+        ``model``: the model whose parameters the state refers to (gradient criteria key their
+        statistics by parameter name in it); criteria without such state ignore it.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Restore a :meth:`state_dict` (``model``: as for :meth:`state_dict`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -169,15 +193,57 @@ class GroupIndex:
             self.pos[roots < 0] = -1
 
 
-def group_index(group: Any) -> GroupIndex:
-    """The (cached) :class:`GroupIndex` of ``group``."""
-    gi = getattr(group, "_pc_index", None)
-    sizes = [len(it.idxs) for it in group]
-    if gi is None or gi.lengths != sizes:
+class GroupIndexCache:
+    """:class:`GroupIndex` of groups by identity, so that every group is indexed once.
+
+    The cache holds the groups it indexes (their ids stay unique while they are cached) until
+    :meth:`clear`; an entry is rebuilt when its group's items change size. It is read through
+    :func:`group_indexes`: the pruner owns one for its groups and activates it while it works,
+    so the criteria and the pruner share the indexes.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, GroupIndex]] = {}
+
+    def get(self, group: Any) -> GroupIndex:
+        """The index of ``group``, built on first request."""
+        entry = self._entries.get(id(group))
+        if entry is not None and entry[0] is group and entry[1].lengths == [len(it.idxs) for it in group]:
+            return entry[1]
         gi = GroupIndex(group)
-        with suppress(AttributeError):
-            group._pc_index = gi
-    return gi
+        self._entries[id(group)] = (group, gi)
+        return gi
+
+    def clear(self) -> None:
+        """Forget every index (and release the groups)."""
+        self._entries.clear()
+
+
+_ACTIVE_INDEXES: ContextVar[GroupIndexCache | None] = ContextVar(
+    "prune_callbacks_group_indexes", default=None
+)
+
+
+@contextmanager
+def group_indexes(cache: GroupIndexCache | None = None) -> Iterator[GroupIndexCache]:
+    """Within the block, :func:`group_index` reads and fills ``cache`` (default: the cache that
+    is active already, else a new one for the block)."""
+    if cache is None:
+        cache = _ACTIVE_INDEXES.get() or GroupIndexCache()
+    token = _ACTIVE_INDEXES.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE_INDEXES.reset(token)
+
+
+def group_index(group: Any) -> GroupIndex:
+    """The :class:`GroupIndex` of ``group``: from the active :func:`group_indexes` cache, else
+    built for this call."""
+    cache = _ACTIVE_INDEXES.get()
+    return GroupIndex(group) if cache is None else cache.get(group)
 
 
 class ParamImportance(Importance):
@@ -232,7 +298,7 @@ class ParamImportance(Importance):
 
     def score_groups(self, groups: Iterable[Any]) -> list[Tensor | None]:
         """Scores of several groups; per-layer values are computed once and shared."""
-        with torch.no_grad(), self._cached():
+        with torch.no_grad(), self._cached(), group_indexes():
             return [self(g) for g in groups]
 
     def channel_values(self, module: Any, handler: Any) -> Tensor | None:
@@ -437,6 +503,15 @@ class RandomImportance(Importance):
     def __call__(self, group: Any) -> Tensor | None:
         return torch.rand(len(root_ids(group)), generator=self.generator)
 
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """``{"generator": state of the random generator}`` (the next draws continue from it)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Continue the draws of a saved criterion."""
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
     def __repr__(self) -> str:
         return f"RandomImportance(seed={self.seed})"
 
@@ -447,6 +522,8 @@ class RandomImportance(Importance):
 
 
 class _Accumulator:
+    """Running sum of one parameter's per-entry statistic over ``count`` batches."""
+
     __slots__ = ("param", "total", "count")
 
     def __init__(self, param: Tensor, total: Tensor) -> None:
@@ -468,6 +545,8 @@ class GradientImportance(ParamImportance):
     Accumulators are keyed by parameter identity (weakly referenced). One whose shape no longer
     matches its parameter (the parameter was pruned since) is dropped, never indexed;
     :meth:`reset` forgets everything (the pruner does it after each pruning step).
+    :meth:`state_dict` saves the statistics by parameter name (for a checkpoint) and
+    :meth:`load_state_dict` restores them onto the parameters of the same names.
     """
 
     requires_gradients = True
@@ -532,6 +611,60 @@ class GradientImportance(ParamImportance):
         self._acc.clear()
         self.num_batches = 0
         self.skipped_batches = 0
+
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The accumulated statistics as plain data::
+
+            {"num_batches": int, "skipped_batches": int,
+             "acc": {parameter name: {"total": CPU float32 tensor, "count": int}}}
+
+        ``total`` is the running sum of the per-entry statistic over ``count`` batches, keyed by
+        the parameter's name in ``model`` (parameters outside ``model``, or no longer alive, are
+        left out). ``model`` may be omitted only while nothing is accumulated.
+        """
+        state: dict[str, Any] = {
+            "num_batches": int(self.num_batches),
+            "skipped_batches": int(self.skipped_batches),
+        }
+        live = [(entry.param(), entry) for entry in self._acc.values()]
+        live = [(p, entry) for p, entry in live if p is not None]
+        if model is None:
+            if live:
+                raise ValueError(
+                    f"{type(self).__name__}.state_dict(): the statistics are saved by parameter name; "
+                    "pass the model whose parameters were accumulated: state_dict(model)"
+                )
+            state["acc"] = {}
+            return state
+        names = {id(p): n for n, p in model.named_parameters()}
+        state["acc"] = {
+            names[id(p)]: {"total": entry.total.detach().cpu(), "count": int(entry.count)}
+            for p, entry in live
+            if id(p) in names
+        }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Replace the statistics by those of :meth:`state_dict`, put on the parameters of the
+        same names in ``model`` (on their devices). Entries whose parameter is missing or has
+        another shape (pruned differently) are skipped."""
+        saved = state.get("acc") or {}
+        if saved and model is None:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict(): the statistics are saved by parameter name; "
+                "pass the model to put them on: load_state_dict(state, model)"
+            )
+        self._acc.clear()
+        params = dict(model.named_parameters()) if model is not None else {}
+        for name, entry in saved.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(entry["total"].shape):
+                continue
+            acc = _Accumulator(p, entry["total"].to(device=p.device, dtype=torch.float32))
+            acc.count = int(entry["count"])
+            self._acc[id(p)] = acc
+        self.num_batches = int(state.get("num_batches", 0))
+        self.skipped_batches = int(state.get("skipped_batches", 0))
 
     def param_tensor(self, param: Tensor) -> Tensor | None:
         if self.num_batches == 0:
@@ -608,16 +741,21 @@ IMPORTANCES: dict[str, Callable[..., Importance]] = {
 }
 
 
+def importance_key(name: str) -> str:
+    """A criterion name as the registry reads it (case, surrounding spaces and ``-`` ignored;
+    ``bn`` and ``bnscale`` stand for ``bn_scale``)."""
+    key = name.strip().lower().replace("-", "_")
+    return "bn_scale" if key in ("bnscale", "bn") else key
+
+
 def get_importance(name: str | Importance | Callable, **kwargs: Any) -> Importance | Callable:
     """A criterion by name (``"magnitude"``, ``"l1"``, ``"l2"``, ``"taylor"``, ``"fisher"``,
-    ``"bn_scale"``, ``"random"``; case and ``-`` are ignored); objects are returned as they are."""
+    ``"bn_scale"``, ``"random"``; see :func:`importance_key`); objects are returned as they are."""
     if not isinstance(name, str):
         if callable(name):
             return name
         raise TypeError(f"importance must be a name or a callable criterion, got {type(name).__name__}")
-    key = name.strip().lower().replace("-", "_")
-    if key in ("bnscale", "bn"):
-        key = "bn_scale"
+    key = importance_key(name)
     factory = IMPORTANCES.get(key)
     if factory is None:
         raise ValueError(f"unknown importance {name!r}; valid names: {', '.join(IMPORTANCES)}")

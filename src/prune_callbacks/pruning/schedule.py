@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["SCHEDULE_KINDS", "ratio_schedule"]
+__all__ = ["SCHEDULE_KINDS", "RatioSchedule", "ratio_schedule"]
 
 SCHEDULE_KINDS: tuple[str, ...] = ("linear", "cubic", "exp")
 
@@ -75,3 +76,45 @@ def ratio_schedule(target: float, steps: int, kind: str | Sequence[float] = "lin
         )
     values[-1] = target
     return values
+
+
+#: Largest cumulative ratio a scaled schedule may reach (a group always keeps a channel).
+_MAX_SCALED = 0.999999
+
+
+@dataclass(frozen=True)
+class RatioSchedule:
+    """The schedule of one pruning run, for any final ratio.
+
+    ``kind`` is a schedule kind (``"linear"``, ``"cubic"``, ``"exp"``) or an explicit tuple of
+    cumulative ratios, one per step; ``ratio`` is the run's ``pruning_ratio``, the final ratio the
+    explicit list stands for. Groups with a ratio of their own (``pruning_ratio_dict``, attention
+    heads) and MAC targets follow the same shape scaled to their own final value.
+    """
+
+    kind: str | tuple[float, ...]
+    steps: int
+    ratio: float
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the schedule is an explicit list of ratios."""
+        return not isinstance(self.kind, str)
+
+    def ratios_for(self, target: float) -> list[float]:
+        """Cumulative ratio after each step for a final ratio ``target``. An explicit list is used
+        as given for ``ratio`` and scaled for other targets."""
+        if isinstance(self.kind, str):
+            return ratio_schedule(target, self.steps, self.kind)
+        last = self.kind[-1]
+        if last == 0 or math.isclose(target, self.ratio):
+            return list(self.kind)
+        return [min(v * target / last, _MAX_SCALED) for v in self.kind]
+
+    def fractions_for(self, reduction: float) -> list[float]:
+        """Cumulative fraction of a reduction (e.g. of MACs, ``1 - 1/speedup``) reached after each
+        step: the schedule's shape ending at ``reduction``."""
+        if isinstance(self.kind, str):
+            return ratio_schedule(min(reduction, _MAX_SCALED), self.steps, self.kind)
+        last = self.kind[-1] or 1.0
+        return [v / last * reduction for v in self.kind]

@@ -2,9 +2,10 @@
 
 The :class:`~prune_callbacks.pruning.pruner.Pruner`, the Lightning callback and the Hydra app all take
 their options through this dataclass, so every entry point accepts exactly the same values and a
-mistake gives the same one-line message naming the key and the fix, e.g.::
+mistake gives the same one-line message naming the key and the fix, e.g. (one line)::
 
-    pruning_ratio=1.5: must be in [0, 1) (the fraction of every group's channels to remove); e.g. pruning_ratio=0.5
+    pruning_ratio=1.5: must be in [0, 1) (the fraction of every group's channels to remove);
+    e.g. pruning_ratio=0.5
 
 The app prefixes the key with its config group (``pruning.pruning_ratio=1.5: ...``); the dataclass is
 also the app's structured-config schema, so ``--cfg job`` shows exactly the values that will run.
@@ -13,8 +14,9 @@ Decisions made here, once:
 
 * **Ratio or speedup.** ``pruning_ratio`` (fraction of every group's channels, in [0, 1)) and
   ``target_speedup`` (dense MACs / pruned MACs, > 1) are alternatives: setting both is an error.
-  With neither set, ``pruning_ratio`` is 0.5. A ratio of 0 prunes nothing by itself (useful with
-  ``pruning_ratio_dict`` or head pruning, or as the dense point of a sweep).
+  With neither set, ``pruning_ratio`` is 0.5 (with an explicit schedule: its last ratio). A
+  ratio of 0 prunes nothing by itself (useful with ``pruning_ratio_dict`` or head pruning, or as
+  the dense point of a sweep).
 * **Numbers are numbers.** Strings (``"0.5"``) and booleans are refused where a number is expected.
 * **Schedules** are ``linear``, ``cubic`` (alias ``agp``) and ``exp`` (alias ``exponential``), or an
   explicit list of cumulative ratios, one per step.
@@ -27,11 +29,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .importance import IMPORTANCES, Importance
+from .importance import IMPORTANCES, Importance, importance_key
 
 __all__ = ["SCHEDULE_ALIASES", "PruningSettings", "SettingsError"]
 
@@ -69,8 +72,16 @@ class SettingsError(ValueError):
 
     def with_prefix(self, prefix: str) -> SettingsError:
         """The same error with ``prefix`` before the key (and before keys named in the fix)."""
-        fix = self.fix.replace(f"{self.key}=", f"{prefix}{self.key}=")
-        return type(self)(prefix + self.key, self.value, self.problem, fix)
+        names = {f.name for f in dataclasses.fields(PruningSettings)}
+
+        def prefixed(text: str) -> str:
+            return re.sub(
+                r"(?<![\w.\[])([a-z_]+)(?=[=\[])",
+                lambda m: prefix + m.group(1) if m.group(1) in names else m.group(1),
+                text,
+            )
+
+        return type(self)(prefix + self.key, self.value, prefixed(self.problem), prefixed(self.fix))
 
 
 def _is_number(value: Any) -> bool:
@@ -81,7 +92,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _fraction(key: str, value: Any, *, low_open: bool = False, high_closed: bool = False, what: str = "") -> float:
+def _fraction(
+    key: str, value: Any, *, low_open: bool = False, high_closed: bool = False, what: str = ""
+) -> float:
     """``value`` as a float in [0, 1) (or the open/closed variant), else a :class:`SettingsError`."""
     interval = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
     example = "0.5"
@@ -103,12 +116,6 @@ def _flag(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise SettingsError(key, value, "must be true or false", f"e.g. {key}=true")
     return value
-
-
-def importance_key(name: str) -> str:
-    """A criterion name normalised the way the importance registry reads it (case and ``-`` ignored)."""
-    key = name.strip().lower().replace("-", "_")
-    return "bn_scale" if key in ("bnscale", "bn") else key
 
 
 @dataclass
@@ -193,6 +200,33 @@ class PruningSettings:
         except SettingsError as exc:
             raise exc.with_prefix(prefix) if prefix else exc from None
 
+    @classmethod
+    def merged(cls, settings: PruningSettings | None, options: Mapping[str, Any]) -> PruningSettings:
+        """``settings`` (or the defaults) with the ``options`` an entry point was called with applied.
+
+        The Pruner and the callback take every field as a keyword argument *and* a ready ``settings``
+        object; an option still at its default (or ``None`` where the field's default is not ``None``:
+        "not given") keeps the settings' value, any other replaces it and the result is validated.
+        """
+        if settings is not None and not isinstance(settings, PruningSettings):
+            raise TypeError(f"settings must be a PruningSettings, got {type(settings).__name__}")
+        defaults = _field_defaults()
+        given: dict[str, Any] = {}
+        for name, value in options.items():
+            default = defaults[name]
+            if (value is None and default is not None) or _same(value, default):
+                continue
+            if (
+                name in ("ignored_layers", "schedule")
+                and not isinstance(value, (str, bytes))
+                and _iterable(value)
+            ):
+                value = list(value)
+            given[name] = value
+        if settings is None:
+            return cls(**given)
+        return settings.replace(**given) if given else settings
+
     def replace(self, **changes: Any) -> PruningSettings:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
@@ -215,10 +249,13 @@ class PruningSettings:
 
     @property
     def ratio(self) -> float:
-        """The effective ``pruning_ratio``: 0.5 when neither a ratio nor a speedup is set."""
+        """The effective ``pruning_ratio``: when neither a ratio nor a speedup is set, the last
+        ratio of an explicit schedule, else 0.5 (0 with a speedup target)."""
         if self.pruning_ratio is not None:
             return self.pruning_ratio
-        return 0.5 if self.target_speedup is None else 0.0
+        if self.target_speedup is not None:
+            return 0.0
+        return self.schedule[-1] if isinstance(self.schedule, list) else 0.5
 
     @property
     def ranks_globally(self) -> bool:
@@ -292,7 +329,9 @@ class PruningSettings:
                     "unknown importance",
                     f"{hint}choose one of {', '.join(names)} (or an Importance object / _target_ config)",
                 )
-        elif not (isinstance(imp, Importance) or callable(imp) or (isinstance(imp, Mapping) and "_target_" in imp)):
+        elif not (
+            isinstance(imp, Importance) or callable(imp) or (isinstance(imp, Mapping) and "_target_" in imp)
+        ):
             raise SettingsError(
                 "importance",
                 imp,
@@ -304,14 +343,21 @@ class PruningSettings:
         if self.epochs is not None:
             values = [self.epochs] if _is_int(self.epochs) else self.epochs
             if not isinstance(values, (list, tuple)) or not values:
-                raise SettingsError("epochs", self.epochs, "must be a non-empty list of epochs", "e.g. epochs=[2,4,6]")
+                raise SettingsError(
+                    "epochs", self.epochs, "must be a non-empty list of epochs", "e.g. epochs=[2,4,6]"
+                )
             for e in values:
                 if not _is_int(e) or e < 0:
                     raise SettingsError(
-                        "epochs", self.epochs, "must list epoch indices (integers >= 0)", "e.g. epochs=[2,4,6]"
+                        "epochs",
+                        self.epochs,
+                        "must list epoch indices (integers >= 0)",
+                        "e.g. epochs=[2,4,6]",
                     )
             if sorted(set(values)) != list(values):
-                raise SettingsError("epochs", self.epochs, "must be strictly increasing", "e.g. epochs=[2,4,6]")
+                raise SettingsError(
+                    "epochs", self.epochs, "must be strictly increasing", "e.g. epochs=[2,4,6]"
+                )
             self.epochs = [int(e) for e in values]
         self.start_epoch = _epoch("start_epoch", self.start_epoch)
         if self.end_epoch is not None:
@@ -343,12 +389,18 @@ class PruningSettings:
             values = [_fraction("schedule", v) for v in schedule]
             if any(b < a for a, b in zip(values, values[1:])):
                 raise SettingsError(
-                    "schedule", schedule, "must be non-decreasing (cumulative ratios)", "e.g. schedule=[0.2,0.4,0.5]"
+                    "schedule",
+                    schedule,
+                    "must be non-decreasing (cumulative ratios)",
+                    "e.g. schedule=[0.2,0.4,0.5]",
                 )
             self.schedule = values
         else:
             raise SettingsError(
-                "schedule", schedule, "must be a schedule name or a non-empty list of ratios", "e.g. schedule=linear"
+                "schedule",
+                schedule,
+                "must be a schedule name or a non-empty list of ratios",
+                "e.g. schedule=linear",
             )
         counts: list[tuple[str, Any, int]] = []
         if self.iterative_steps is not None:
@@ -356,12 +408,18 @@ class PruningSettings:
         if isinstance(self.schedule, list):
             counts.append(("schedule", schedule, len(self.schedule)))
         if self.epochs is not None or self.end_epoch is not None:
-            counts.append(("epochs" if self.epochs is not None else "end_epoch", None, len(self.prune_epochs())))
+            counts.append(
+                ("epochs" if self.epochs is not None else "end_epoch", None, len(self.prune_epochs()))
+            )
         for (key_a, value_a, n_a), (key_b, _, n_b) in zip(counts, counts[1:]):
             if n_a != n_b:
                 key, value = (key_a, value_a) if key_a != "epochs" and key_a != "end_epoch" else (key_b, None)
-                what = {"iterative_steps": "steps", "schedule": "ratios", "epochs": "pruning epochs",
-                        "end_epoch": "pruning epochs (start_epoch..end_epoch)"}
+                what = {
+                    "iterative_steps": "steps",
+                    "schedule": "ratios",
+                    "epochs": "pruning epochs",
+                    "end_epoch": "pruning epochs (start_epoch..end_epoch)",
+                }
                 raise SettingsError(
                     key,
                     value if value is not None else getattr(self, key),
@@ -372,7 +430,10 @@ class PruningSettings:
     def _validate_layers(self) -> None:
         if isinstance(self.ignored_layers, (str, bytes)) or not _iterable(self.ignored_layers):
             raise SettingsError(
-                "ignored_layers", self.ignored_layers, "must be a list of layer names or patterns", "e.g. ignored_layers=[fc]"
+                "ignored_layers",
+                self.ignored_layers,
+                "must be a list of layer names or patterns",
+                "e.g. ignored_layers=[fc]",
             )
         self.ignored_layers = list(self.ignored_layers)
         if not isinstance(self.pruning_ratio_dict, Mapping):
@@ -386,6 +447,27 @@ class PruningSettings:
         for key, value in self.pruning_ratio_dict.items():
             ratios[key] = _fraction(f"pruning_ratio_dict[{key}]", value)
         self.pruning_ratio_dict = ratios
+
+
+def _field_defaults() -> dict[str, Any]:
+    """Every field's default value (a fresh one for list and dict fields)."""
+    out = {}
+    for f in dataclasses.fields(PruningSettings):
+        factory = f.default_factory
+        out[f.name] = factory() if factory is not dataclasses.MISSING else f.default
+    return out
+
+
+def _same(value: Any, default: Any) -> bool:
+    """``value == default`` without counting ``True == 1`` or failing on tensors and odd types."""
+    if value is default:
+        return True
+    if isinstance(value, bool) != isinstance(default, bool) or type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _epoch(key: str, value: Any) -> int:

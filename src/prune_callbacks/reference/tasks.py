@@ -28,6 +28,7 @@ def _configure(
     module: pl.LightningModule, optimizer: OptimizerFactory | None, lr_scheduler: SchedulerFactory | None
 ) -> Any:
     """Build the optimizer (SGD with momentum when none is given) and, optionally, a per-epoch scheduler."""
+    opt: torch.optim.Optimizer
     if optimizer is None:
         opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     else:

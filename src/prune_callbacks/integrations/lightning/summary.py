@@ -2,16 +2,31 @@
 
 Kept apart from the callback so that the app, scripts and tests can format the same rows (plain dicts
 with ``step``, ``epoch``, ``macs``, ``params``, ``speedup`` and ``channel_ratio``) without Lightning.
+The table is laid out by :class:`rich.table.Table` (``rich`` comes with Lightning) and rendered as
+plain text (no colours, no markup), so it reads the same in a terminal, a log file and a test::
+
+    Structured pruning summary
+     step  | epoch |   MACs |  params | speedup | channels pruned
+    -------+-------+--------+---------+---------+-----------------
+     dense |     - | 1.23 M | 12.00 k |   1.00x |            0.0%
+     1     |     0 | 0.60 M |  6.00 k |   2.05x |           50.0%
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_count", "format_summary"]
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
-_COLUMNS = ("step", "epoch", "MACs", "params", "speedup", "channels pruned")
+__all__ = ["COLUMNS", "format_count", "format_summary", "summary_table"]
+
+#: Column headers of the summary table.
+COLUMNS = ("step", "epoch", "MACs", "params", "speedup", "channels pruned")
+_WIDTH = 1000  # wide enough that no column is ever wrapped or cut
 
 
 def format_count(value: float) -> str:
@@ -35,17 +50,36 @@ def _row(record: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
+def summary_table(records: Sequence[Mapping[str, Any]], title: str = "Structured pruning summary") -> Table:
+    """The records as a :class:`rich.table.Table` (print it with a rich console for a styled table)."""
+    table = Table(
+        title=title,
+        box=box.ASCII,
+        show_edge=False,
+        title_justify="left",
+        title_style=None,
+        header_style=None,
+    )
+    for i, column in enumerate(COLUMNS):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for record in records:
+        table.add_row(*_row(record))
+    return table
+
+
 def format_summary(records: Sequence[Mapping[str, Any]], title: str = "Structured pruning summary") -> str:
-    """The records as an aligned text table under ``title`` (an empty string for no records)."""
+    """The records as an aligned plain-text table under ``title`` (an empty string for no records)."""
     if not records:
         return ""
-    rows = [_COLUMNS, *(_row(r) for r in records)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-
-    def line(row: Sequence[str]) -> str:
-        return " | ".join(
-            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
-        )
-
-    rule = "-+-".join("-" * w for w in widths)
-    return "\n".join([title, line(rows[0]), rule, *(line(r) for r in rows[1:])])
+    out = io.StringIO()
+    console = Console(
+        file=out,
+        width=_WIDTH,
+        color_system=None,
+        force_terminal=False,
+        markup=False,
+        emoji=False,
+        highlight=False,
+    )
+    console.print(summary_table(records, title))
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())

@@ -14,7 +14,16 @@ import wandb
 
 __all__ = ["GROUP_COLUMNS", "log_prune_step"]
 
-GROUP_COLUMNS = ["step", "epoch", "group", "channels_dense", "channels_before", "channels_after", "kept"]
+#: Columns of the ``prune/groups`` table (typed as ``wandb.Table`` declares its columns).
+GROUP_COLUMNS: list[str | int] = [
+    "step",
+    "epoch",
+    "group",
+    "channels_dense",
+    "channels_before",
+    "channels_after",
+    "kept",
+]
 
 
 def _group_rows(record: Mapping[str, Any]) -> list[list[Any]]:

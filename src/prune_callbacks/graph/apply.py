@@ -1,0 +1,108 @@
+"""Applying a group: the atomic prune, the graph's recorded shapes after it, its history record.
+
+:func:`apply_group` checks a group (:mod:`.checks`), runs every item's pruning function and sets
+the size attributes, and on any failure restores every parameter, buffer and attribute it touched
+(:func:`~.dependency.snapshot`) before raising :class:`~.dependency.PruningError`. Afterwards the
+tensor shapes recorded in the graph are shrunk (:func:`update_shapes`) so the same graph keeps
+answering for the pruned model. :func:`history_record` describes the prune as plain data (names,
+function names, indices) for replay on a fresh model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..layers import once_per_parameter
+from .attributes import SHARED_HOLDER_ATTR, pruned_shape
+from .checks import GroupChecker
+from .dependency import Group, PruningError, snapshot
+from .facts import param_dim, side_of
+from .node import Dependency, fn_name
+
+
+def apply_group(group: Group, checker: GroupChecker) -> None:
+    """Prune ``group`` atomically: refuse it with ``ValueError`` (nothing changed) when
+    ``checker`` finds a problem; restore everything and raise :class:`PruningError` naming the
+    layer when a pruning function fails. Then shrink the shapes the graph records."""
+    reason = checker.explain(group)
+    if reason is not None:
+        raise ValueError(f"refusing to prune this group: {reason}")
+    targets = [item.dep.target.module for item in group] + [m for m, *_ in group.attribute_updates]
+    restore = snapshot(targets)
+    current: Dependency | None = None
+    try:
+        with once_per_parameter():
+            # Output sides first: removing a grouped convolution's inputs first could turn it
+            # into a depthwise one, which prunes its outputs by other rules.
+            for item in sorted(group, key=lambda it: side_of(it.dep.handler) != "out"):
+                current = item.dep
+                item.dep(item.idxs)
+        current = None
+        for module, attr, _old, new in group.attribute_updates:
+            if not attr.startswith("<"):
+                setattr(module, attr, new)
+    except Exception as e:
+        restore()
+        where = f"{current.target.name} ({fn_name(current.handler)})" if current is not None else "attributes"
+        raise PruningError(f"pruning failed at {where}: {e}. The model was restored unchanged.") from e
+    update_shapes(group)
+
+
+def update_shapes(group: Group) -> None:
+    """After a prune, shrink the recorded tensor shapes so the graph stays usable."""
+    shapes: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}  # maps may share tensors
+    for edge, m in group.edge_maps.items():
+        key = (id(m.t), edge.shape)
+        new = shapes.get(key)
+        if new is None:
+            new = shapes[key] = pruned_shape(edge.shape, m)
+        if new == edge.shape:
+            continue
+        edge.shape = new
+        src = edge.src
+        if src.type.is_virtual:
+            src.attrs["out_shapes"][edge.src_pos] = new
+        for dst, pos in edge.dsts:
+            dst.attrs["in_shapes"][pos] = new
+
+
+def history_record(group: Group, names: dict[Any, str]) -> dict[str, Any]:
+    """Plain-data description of a group prune (names, function names, indices); ``names``
+    maps modules and parameters to their qualified names."""
+    root = group.root
+    return {
+        "root": names.get(root.dep.target.module, root.dep.target.plain_name),
+        "function": fn_name(root.dep.handler),
+        "idxs": list(root.idxs),
+        "items": [
+            {
+                "target": names.get(it.dep.target.module, it.dep.target.plain_name),
+                "function": fn_name(it.dep.handler),
+                "dim": param_dim(it.dep.handler),
+                "idxs": list(it.idxs),
+            }
+            for it in group
+        ],
+        "attributes": [
+            {"module": object_name(m, names), "attr": a, "new": list(n) if isinstance(n, tuple) else n}
+            for m, a, _o, n in group.attribute_updates
+            if not a.startswith("<")
+        ],
+    }
+
+
+def object_name(obj: Any, names: dict[Any, str]) -> str:
+    """Name of a module, or ``<module name>.config`` for a config object a module holds."""
+    name = names.get(obj) if isinstance(obj, (nn.Module, torch.Tensor)) else None
+    if name is not None:
+        return name
+    for m, n in names.items():
+        if isinstance(m, nn.Module) and getattr(m, SHARED_HOLDER_ATTR, None) is obj:
+            return f"{n}.{SHARED_HOLDER_ATTR}" if n else SHARED_HOLDER_ATTR
+    return ""
+
+
+__all__ = ["apply_group", "history_record", "object_name", "update_shapes"]

@@ -1,0 +1,246 @@
+"""Subset groups: the part of a full-index group that removes chosen channels, and the merged
+group that removes the choices of a whole pruning step at once.
+
+A full-index group (from :meth:`DependencyGraph.get_all_groups`) lists every channel of every
+layer coupled to its root. Removing some root channels removes the entries of those channels:
+the subset group is made by filtering the full group's flat index (:func:`.importance.group_index`),
+without searching the graph again. All full groups of a step index the model as it is before the
+step, so the subsets of all groups can be combined into one group and removed in one atomic prune.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..graph import index_mapping as im
+from ..graph.dependency import Group, GroupItem, PruningError
+from ..graph.dependency_graph import DependencyGraph
+from ..graph.index_mapping import RootMap
+from .importance import group_index
+
+__all__ = ["Plan", "SubsetGroups", "Unprunable", "root_channels"]
+
+#: What one step removes: ``(full group, positions of its root channels to remove)`` per group.
+Plan = list[tuple[Group, list[int]]]
+
+#: Items of a subset group: ``(full item, its channels to remove, their root ids)``.
+Selected = list[tuple[GroupItem, list[int], list[int]]]
+
+
+class Unprunable:
+    """Stands for a subset group the graph refused: it explains itself as unprunable."""
+
+    __slots__ = ("attribute_updates", "items", "reason")
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.items: list = []
+        self.attribute_updates: list = []
+
+    def __iter__(self) -> Iterator:
+        return iter(())
+
+
+def root_channels(group: Group, positions: list[int]) -> list[int]:
+    """Channels of the root layer that belong to the root ids at ``positions``."""
+    ids = group_index(group).ids
+    chosen = {ids[p] for p in positions}
+    root = group.root
+    return [c for c, r in zip(root.idxs, root.root_idxs) if r in chosen]
+
+
+def value_lut(group: Group, positions: list[int]) -> Tensor:
+    """Boolean table over root channel ids + 1 (index 0: kept entries of a map)."""
+    ids = group_index(group).ids
+    values = [ids[p] for p in positions]
+    top = max(ids, default=0) + 2
+    lut = torch.zeros(top, dtype=torch.bool)
+    lut[torch.as_tensor(values, dtype=torch.long) + 1] = True
+    return lut
+
+
+def selected_items(group: Group, positions: list[int]) -> Selected:
+    """Items of the subset group for root positions ``positions``: (full item, idxs, root ids)."""
+    gi = group_index(group)
+    lut = torch.zeros(gi.n + 1, dtype=torch.bool)
+    lut[torch.as_tensor(positions, dtype=torch.long) + 1] = True
+    mask = lut[gi.pos + 1]
+    idx = gi.idx[mask].tolist()
+    pos = gi.pos[mask].tolist()
+    counts = torch.bincount(gi.item[mask], minlength=len(gi.lengths)).tolist()
+    roots = gi.ids
+    identity = gi.identity
+    out = []
+    start = 0
+    for item, c in zip(group.items, counts):
+        if c:
+            sel = pos[start : start + c]
+            out.append((item, idx[start : start + c], sel if identity else [roots[p] for p in sel]))
+        start += c
+    return out
+
+
+class SubsetGroups:
+    """Builds subset groups of the full groups of one step, and prunes a step's plan.
+
+    ``fast=True`` filters the full groups (see the module docstring) and removes a plan in one
+    merged prune; ``fast=False`` asks the graph for every subset and prunes group by group
+    (slower; exact even for a full group whose root channels are coupled to each other).
+
+    Per full group it remembers, until :meth:`forget`, the items last selected (reused by the
+    merged prune) and which of its tensors size attributes are read from.
+    """
+
+    __slots__ = ("_attribute_edges", "_selected", "fast", "graph")
+
+    def __init__(self, graph: DependencyGraph, fast: bool = True) -> None:
+        self.graph = graph
+        self.fast = fast
+        self._selected: dict[int, tuple[Group, list[int], Selected]] = {}
+        self._attribute_edges: dict[int, tuple[Group, list]] = {}
+
+    def forget(self) -> None:
+        """Drop what was remembered about the full groups (they are stale after a prune)."""
+        self._selected.clear()
+        self._attribute_edges.clear()
+
+    # ------------------------------------------------------------------ one group
+    def subset(self, group: Group, positions: list[int]) -> Group | Unprunable:
+        """The subset group of ``group`` that removes root positions ``positions``.
+
+        Edge maps are only built when the group changes attributes (split sizes, head counts:
+        needed to check them), and only for the tensors those are read from.
+        """
+        if not self.fast:
+            root = group.root.dep
+            try:
+                return self.graph.get_pruning_group(
+                    root.target.module, root.handler, root_channels(group, positions)
+                )
+            except ValueError as e:
+                return Unprunable(str(e))
+        selected = selected_items(group, positions)
+        self._selected[id(group)] = (group, positions, selected)  # reused by the merged prune
+        items = [GroupItem(it.dep, idxs, roots) for it, idxs, roots in selected]
+        maps: dict[Any, RootMap] = {}
+        attrs: list = []
+        if group.attribute_updates:
+            lut = value_lut(group, positions)
+            edge_maps = group.edge_maps
+            for edge in self._edges_of(group):
+                m = edge_maps[edge]
+                keep = lut[(m.t + 1).clamp(min=0, max=len(lut) - 1)]
+                if bool(keep.any()):
+                    maps[edge] = RootMap(torch.where(keep, m.t, torch.full_like(m.t, im.KEPT)), m.explicit)
+            attrs = self.graph.attribute_updates_for(maps)
+        return Group(items, self.graph, attrs, maps)
+
+    def _edges_of(self, group: Group) -> list:
+        """The tensors of ``group`` whose maps size attributes are read from (computed once)."""
+        entry = self._attribute_edges.get(id(group))
+        if entry is None or entry[0] is not group:
+            entry = self._attribute_edges[id(group)] = (group, self.graph.attribute_edges(group.edge_maps))
+        return entry[1]
+
+    # ------------------------------------------------------------------ a whole step
+    def merged(self, plan: Plan) -> Group:
+        """One group removing everything of ``plan``: per layer and side the union of the channel
+        indices, per tensor the union of the pruned positions."""
+        items: dict[tuple[int, str], tuple[GroupItem, list[list[int]]]] = {}
+        for group, positions in plan:
+            cached = self._selected.get(id(group))
+            if cached is not None and cached[0] is group and cached[1] == positions:
+                selected = cached[2]
+            else:
+                selected = selected_items(group, positions)
+            for it, idxs, _roots in selected:
+                key = (id(it.dep.target), getattr(it.dep.handler, "__name__", repr(it.dep.handler)))
+                entry = items.get(key)
+                if entry is None:
+                    items[key] = (it, [idxs])
+                else:
+                    entry[1].append(idxs)
+        merged_items = []
+        for it, lists in items.values():
+            idxs = lists[0] if len(lists) == 1 else sorted(set(chain.from_iterable(lists)))
+            merged_items.append(GroupItem(it.dep, idxs, idxs))
+        maps = self.merged_edge_maps(plan)
+        attribute_maps = {e: maps[e] for e in self.graph.attribute_edges(maps)}
+        return Group(merged_items, self.graph, self.graph.attribute_updates_for(attribute_maps), maps)
+
+    @staticmethod
+    def merged_edge_maps(plan: Plan) -> dict[Any, RootMap]:
+        """Per tensor (edge), the positions pruned by any group of ``plan``, as maps with -1 for
+        kept and 0 for pruned entries (only the sign of a map matters once it is merged).
+
+        Full-group map entries are -1 (kept) or root ids of that group, so ``t + 1`` indexes a
+        table of the group's chosen root ids."""
+        pruned: dict[Any, Tensor] = {}
+        for group, positions in plan:
+            edge_maps = group.edge_maps
+            if not edge_maps:
+                continue
+            lut = value_lut(group, positions)
+            masks: dict[int, Tensor] = {}
+            for edge, m in edge_maps.items():
+                mask = masks.get(id(m.t))
+                if mask is None:
+                    mask = masks[id(m.t)] = lut[m.t + 1]
+                old = pruned.get(edge)
+                pruned[edge] = mask if old is None else (old | mask)
+        # Edges of one group often share a mask tensor: convert each tensor once, so that the
+        # maps share it too (and per-map work such as new shapes can be done once).
+        converted: dict[int, RootMap | None] = {}
+        result = {}
+        for edge, mask in pruned.items():
+            key = id(mask)
+            if key not in converted:
+                converted[key] = (
+                    RootMap(mask.long() - 1, tuple(s > 1 for s in mask.shape)) if bool(mask.any()) else None
+                )
+            merged_map = converted[key]
+            if merged_map is not None:
+                result[edge] = merged_map
+        return result
+
+    def prune(self, plan: Plan) -> None:
+        """Remove the channels of ``plan``: in one merged prune when fast (falling back to group
+        by group if the merged group is refused; nothing is changed then), else group by group.
+        A group the graph refuses is skipped with a warning."""
+        if self.fast:
+            merged = self.merged(plan)
+            try:
+                merged.prune()
+                return
+            except (ValueError, PruningError):
+                pass  # nothing was changed: fall back to one group at a time
+        for group, positions in plan:
+            root = group.root.dep
+            try:
+                sub = self.graph.get_pruning_group(
+                    root.target.module, root.handler, root_channels(group, positions)
+                )
+                sub.prune()
+            except (ValueError, PruningError) as e:
+                warnings.warn(f"prune_callbacks: skipping the group of {root.target.name}: {e}", stacklevel=4)
+
+    def graph_groups(self, plan: Plan) -> Iterator[Group]:
+        """The pruning group of every entry of ``plan``, searched in the graph as it is when the
+        entry is reached (for interactive steps); a group the graph refuses is skipped with a
+        warning."""
+        for group, positions in plan:
+            root = group.root.dep
+            try:
+                sub = self.graph.get_pruning_group(
+                    root.target.module, root.handler, root_channels(group, positions)
+                )
+            except ValueError as e:
+                warnings.warn(f"prune_callbacks: skipping the group of {root.target.name}: {e}", stacklevel=3)
+                continue
+            yield sub
