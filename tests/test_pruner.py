@@ -333,7 +333,9 @@ def _check_subsets(model: nn.Module, x: torch.Tensor, data, ignored=()) -> None:
         fast = pruner.subsets.subset(group, positions)
         root = group.root.dep
         try:
-            slow = pruner.DG.get_pruning_group(root.target.module, root.handler, root_channels(group, positions))
+            slow = pruner.DG.get_pruning_group(
+                root.target.module, root.handler, root_channels(group, positions)
+            )
         except ValueError:
             # The search refuses the channel set outright (it would empty a coupled layer, e.g. a
             # grouped conv whose groups all lose their channels): the filtered group must be refused too.
