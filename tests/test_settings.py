@@ -43,6 +43,7 @@ def test_defaults() -> None:
         ({"pruning_ratio_dict": {"fc": 2}}, "pruning_ratio_dict[fc]=2: must be in [0, 1)"),
         ({"importance_batches": 0}, "importance_batches=0: must be an integer >= 1"),
         ({"global_pruning": "yes"}, "global_pruning=yes: must be true or false"),
+        ({"global_pruning": False, "target_speedup": 2.0}, "global_pruning=false: a MACs target"),
     ],
 )
 def test_errors_name_the_key_and_the_fix(kwargs: dict, message: str) -> None:
@@ -63,6 +64,10 @@ def test_aliases_and_derived_steps() -> None:
     assert PruningSettings(start_epoch=1, end_epoch=7, every_n_epochs=3).prune_epochs() == [1, 4, 7]
     assert PruningSettings(target_speedup=2).ratio == 0.0 and PruningSettings(target_speedup=2).ranks_globally
     assert PruningSettings(pruning_ratio=0).ratio == 0.0
+    assert PruningSettings(global_pruning=True).ranks_globally
+    assert (
+        not PruningSettings(global_pruning=False).ranks_globally and PruningSettings().global_pruning is None
+    )
 
 
 def test_from_mapping_prefixes_keys_and_suggests() -> None:

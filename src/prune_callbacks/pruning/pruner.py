@@ -99,7 +99,8 @@ class Pruner:
             last step, in [0, 1) (default 0.5, or the last ratio of an explicit schedule).
         pruning_ratio_dict: ``{module or name pattern or tuple of them: ratio}``; a group whose
             output layers include one of them uses that ratio (pruned locally).
-        global_pruning: rank channels across groups instead of pruning each group by its share.
+        global_pruning: rank channels across groups instead of pruning each group by its share (default
+            ``None``: only with ``target_speedup``, where ``False`` is an error).
         max_pruning_ratio: no group loses more than this fraction of its original channels.
         iterative_steps: number of :meth:`step` calls to reach ``pruning_ratio`` (default: the
             length of an explicit schedule, else 1).
@@ -138,7 +139,7 @@ class Pruner:
         importance: Importance | Callable | str | None = None,
         pruning_ratio: float | None = None,
         pruning_ratio_dict: Mapping[Any, float] | None = None,
-        global_pruning: bool = False,
+        global_pruning: bool | None = None,
         max_pruning_ratio: float = 1.0,
         iterative_steps: int | None = None,
         schedule: str | Sequence[float] = "linear",

@@ -136,7 +136,9 @@ class PruningSettings:
             else the number of pruning epochs of the callback, else 1).
         schedule: how the target is spread over the steps: ``linear``, ``cubic``/``agp``,
             ``exp``/``exponential`` or one cumulative ratio per step.
-        global_pruning: rank channels across groups instead of pruning each group by its share.
+        global_pruning: rank channels across groups instead of pruning each group by its share
+            (``None``, the default: only with a ``target_speedup``, whose MAC budget is always met
+            by global ranking; ``false`` with a speedup target is an error).
         max_pruning_ratio: no group loses more than this fraction of its channels, in (0, 1].
         round_to: channels kept per group are a multiple of this (``None``: off).
         ignored_layers: layers whose output channels are kept (names, glob patterns; the Pruner
@@ -158,7 +160,7 @@ class PruningSettings:
     target_speedup: Optional[float] = None
     iterative_steps: Optional[int] = None
     schedule: Any = "linear"
-    global_pruning: bool = False
+    global_pruning: Optional[bool] = None
     max_pruning_ratio: float = 1.0
     round_to: Optional[int] = None
     ignored_layers: Any = field(default_factory=list)
@@ -260,7 +262,9 @@ class PruningSettings:
     @property
     def ranks_globally(self) -> bool:
         """Whether channels are ranked across groups (always so with a speedup target)."""
-        return self.global_pruning or self.target_speedup is not None
+        if self.global_pruning is None:
+            return self.target_speedup is not None
+        return self.global_pruning
 
     def prune_epochs(self) -> list[int]:
         """The 0-based epochs after which the callback prunes, one per step."""
@@ -284,7 +288,15 @@ class PruningSettings:
         )
         if self.round_to is not None:
             self.round_to = _count("round_to", self.round_to, 1, 8)
-        self.global_pruning = _flag("global_pruning", self.global_pruning)
+        if self.global_pruning is not None:
+            self.global_pruning = _flag("global_pruning", self.global_pruning)
+            if not self.global_pruning and self.target_speedup is not None:
+                raise SettingsError(
+                    "global_pruning",
+                    False,
+                    "a MACs target (target_speedup) is always met by ranking channels globally",
+                    "leave global_pruning unset (null), or prune by pruning_ratio",
+                )
         self.prune_num_heads = _flag("prune_num_heads", self.prune_num_heads)
         self.head_pruning_ratio = _fraction("head_pruning_ratio", self.head_pruning_ratio)
         self.log_group_widths = _flag("log_group_widths", self.log_group_widths)

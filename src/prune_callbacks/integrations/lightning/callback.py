@@ -143,7 +143,8 @@ class StructuredPruning(Callback):
             every ``every_n_epochs``. One pruning step per listed epoch.
         schedule: how the target is spread over the steps: ``"linear"``, ``"cubic"`` (alias
             ``"agp"``), ``"exp"`` (alias ``"exponential"``) or one cumulative ratio per step.
-        global_pruning: rank channels across all groups instead of pruning each group evenly.
+        global_pruning: rank channels across all groups instead of pruning each group evenly (default
+            ``None``: only with ``target_speedup``, where ``False`` is an error).
         max_pruning_ratio: no group loses more than this fraction of its channels.
         round_to: keep channel counts multiples of this (e.g. 8 for tensor cores).
         ignored_layers: names or glob patterns of layers whose output channels are kept. A name
@@ -178,7 +179,7 @@ class StructuredPruning(Callback):
         end_epoch: int | None = None,
         every_n_epochs: int = 1,
         schedule: str | Sequence[float] = "linear",
-        global_pruning: bool = False,
+        global_pruning: bool | None = None,
         max_pruning_ratio: float = 1.0,
         round_to: int | None = None,
         ignored_layers: Sequence[str] | None = None,
