@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,17 @@ def test_cli_empty_directory_is_one_line_error(tmp_path: Path, capsys: pytest.Ca
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no results.json below") and "\n" not in err
+
+
+def test_without_matplotlib_the_table_is_written_and_the_plot_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An installed wheel without the ``plot`` extra still reports a sweep (table only)."""
+    sweep = _sweep(tmp_path, POINTS)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    md, png = write_report(sweep)
+    assert png is None and not (sweep / "accuracy_vs_macs.png").exists()
+    assert "| " in md.read_text() and "accuracy_vs_macs.png" not in md.read_text()
+    assert main([str(sweep)]) == 0
+    assert "no plot: matplotlib is not installed" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = ["collect", "label_jobs", "main", "markdown_table", "plot", "write_rep
 RESULTS_FILE = "results.json"
 TABLE_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_macs.png"
+log = logging.getLogger(__name__)
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -123,7 +125,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = N
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("the sweep plot needs matplotlib: pip install matplotlib") from None
+        raise ImportError("the sweep plot needs matplotlib: pip install 'prune_callbacks[plot]'") from None
 
     labels = label_jobs(rows)
     metric = rows[0].get("metric", "accuracy")
@@ -166,17 +168,27 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = N
     return path
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``accuracy_vs_macs.png`` for the sweep; return both paths."""
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path | None]:
+    """Write ``report.md`` and ``accuracy_vs_macs.png`` for the sweep; return both paths.
+
+    The plot needs matplotlib (the ``plot`` extra); without it the table is still written, the
+    plot is skipped with a warning naming the fix, and ``None`` is returned for its path.
+    """
     rows = collect(sweep_dir)
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png = plot(rows, out / PLOT_FILE)
+    png: Path | None
+    try:
+        png = plot(rows, out / PLOT_FILE)
+    except ImportError as exc:
+        log.warning("%s; writing the table without the plot", exc)
+        png = None
     table = markdown_table(rows)
     md = out / TABLE_FILE
+    image = f"![accuracy vs MACs]({PLOT_FILE})\n" if png is not None else ""
     md.write_text(
         f"# Sweep report: {rows[0].get('model', 'model')} on {rows[0].get('data', 'data')}\n\n"
-        f"Source: `{Path(sweep_dir)}` ({len(rows)} jobs)\n\n{table}\n![accuracy vs MACs]({PLOT_FILE})\n"
+        f"Source: `{Path(sweep_dir)}` ({len(rows)} jobs)\n\n{table}\n{image}"
     )
     return md, png
 
@@ -194,11 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         md, png = write_report(args.sweep_dir, args.out)
-    except (FileNotFoundError, ImportError) as exc:
+    except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown_table(collect(args.sweep_dir)))
-    print(f"wrote {md} and {png}")
+    print(
+        f"wrote {md} and {png}" if png is not None else f"wrote {md} (no plot: matplotlib is not installed)"
+    )
     return 0
 
 
