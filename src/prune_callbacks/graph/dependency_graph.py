@@ -90,14 +90,16 @@ class DependencyGraph:
         "_head_block_hints",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, history: list[dict[str, Any]] | None = None) -> None:
+        """``history``: the list prunes are recorded into (default: a new one); the Pruner passes
+        the model's own history so that every prune is recorded with the model."""
         self.model: nn.Module | None = None
         self.module2node: dict[Any, Node] = {}
         self.nodes: list[Node] = []
         self.ignored: set[int] = set()
         self.unknown_ops: set[str] = set()
         self.traced_on_meta = False
-        self.pruning_history: list[dict[str, Any]] = []
+        self.pruning_history: list[dict[str, Any]] = [] if history is None else history
         self.facts = LayerFacts(None, [])
         self._names: dict[Any, str] = {}
         self._order: dict[Any, int] = {}

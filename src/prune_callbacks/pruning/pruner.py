@@ -210,7 +210,7 @@ class Pruner:
     ) -> None:
         """Trace the model and note the original width of every group."""
         with self._timer("graph"):
-            self.DG = DependencyGraph().build_dependency(
+            self.DG = DependencyGraph(history=get_pruning_history(model, create=True)).build_dependency(
                 model,
                 example_inputs,
                 forward_fn=forward_fn,
@@ -219,7 +219,6 @@ class Pruner:
                 customized_pruners=customized_pruners,
                 ignored_layers=self.ignored_layers,
             )
-        self.DG.pruning_history = get_pruning_history(model, create=True)
         with group_indexes(self._indexes):
             for g in self.groups:
                 self._counts.remember(g)
