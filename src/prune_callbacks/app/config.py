@@ -24,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from ..pruning.naming import resolve_one
-from ..pruning.settings import PruningSettings, SettingsError
+from ..pruning.settings import PruningSettings, SettingsError, format_value
 
 __all__ = [
     "CALLBACK_TARGET",
@@ -69,20 +69,9 @@ class ConfigError(ValueError):
     """A configuration mistake the user can fix; the message is a single line naming the key and the fix."""
 
 
-def _fmt(value: Any) -> str:
-    """A value as the user would type it on the command line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
-
-
 def error(key: str, value: Any, problem: str, fix: str) -> ConfigError:
     """Build the one-line ``key=value: problem; fix`` error."""
-    return ConfigError(f"{key}={_fmt(value)}: {problem}; {fix}")
+    return ConfigError(f"{key}={format_value(value)}: {problem}; {fix}")
 
 
 def pruning_settings(pruning: Mapping[str, Any]) -> PruningSettings:
@@ -100,7 +89,7 @@ def pruning_settings(pruning: Mapping[str, Any]) -> PruningSettings:
             raise error(
                 "pruning.target_speedup",
                 speedup,
-                f"is set together with pruning.pruning_ratio={_fmt(ratio)}; they are alternatives",
+                f"is set together with pruning.pruning_ratio={format_value(ratio)}; they are alternatives",
                 "for a ratio run add pruning.target_speedup=null (or use pruning=taylor_ratio), "
                 "for a speedup run pruning.pruning_ratio=null",
             ) from None

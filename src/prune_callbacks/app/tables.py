@@ -7,19 +7,15 @@ Cells are taken literally (no rich markup), so ``pruning.epochs=[2,4]`` stays as
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..integrations.lightning.summary import render_plain
+
 __all__ = ["render_table"]
-
-# Wide enough that no realistic table wraps: a wrapped row would break the markdown table.
-_WIDTH = 10_000
-
 
 def render_table(
     header: Sequence[str],
@@ -37,16 +33,4 @@ def render_table(
         table.add_column(Text(name), justify="right" if i in right else "left", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(str(cell)) for cell in row))
-    buffer = io.StringIO()
-    console = Console(
-        file=buffer,
-        width=_WIDTH,
-        color_system=None,
-        force_terminal=False,
-        markup=False,
-        emoji=False,
-        highlight=False,
-    )
-    console.print(table)
-    lines = [line.rstrip() for line in buffer.getvalue().splitlines()]
-    return "\n".join(line for line in lines if line)
+    return "\n".join(line for line in render_plain(table).splitlines() if line)

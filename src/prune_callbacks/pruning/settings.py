@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from .importance import IMPORTANCES, Importance, importance_key
 
-__all__ = ["SCHEDULE_ALIASES", "PruningSettings", "SettingsError"]
+__all__ = ["SCHEDULE_ALIASES", "PruningSettings", "SettingsError", "format_value"]
 
 #: Accepted schedule names and the canonical kind each stands for (see :func:`.schedule.ratio_schedule`).
 SCHEDULE_ALIASES: dict[str, str] = {
@@ -48,14 +48,14 @@ SCHEDULE_ALIASES: dict[str, str] = {
 }
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     """A value as a user would type it on a command line."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
+        return "[" + ",".join(format_value(v) for v in value) + "]"
     return str(value)
 
 
@@ -68,7 +68,7 @@ class SettingsError(ValueError):
 
     def __init__(self, key: str, value: Any, problem: str, fix: str) -> None:
         self.key, self.value, self.problem, self.fix = key, value, problem, fix
-        super().__init__(f"{key}={_fmt(value)}: {problem}; {fix}")
+        super().__init__(f"{key}={format_value(value)}: {problem}; {fix}")
 
     def with_prefix(self, prefix: str) -> SettingsError:
         """The same error with ``prefix`` before the key (and before keys named in the fix)."""
@@ -311,7 +311,7 @@ class PruningSettings:
             raise SettingsError(
                 "target_speedup",
                 speedup,
-                f"is set together with pruning_ratio={_fmt(ratio)}; they are alternatives",
+                f"is set together with pruning_ratio={format_value(ratio)}; they are alternatives",
                 "set one of them and the other to null (target_speedup=null or pruning_ratio=null)",
             )
         if ratio is not None:

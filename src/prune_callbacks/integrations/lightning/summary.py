@@ -22,11 +22,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["COLUMNS", "format_count", "format_summary", "summary_table"]
+__all__ = ["COLUMNS", "format_count", "format_summary", "render_plain", "summary_table"]
 
 #: Column headers of the summary table.
 COLUMNS = ("step", "epoch", "MACs", "params", "speedup", "channels pruned")
-_WIDTH = 1000  # wide enough that no column is ever wrapped or cut
+_WIDTH = 10_000  # wide enough that no column is ever wrapped or cut (a wrapped markdown row breaks)
 
 
 def format_count(value: float) -> str:
@@ -71,6 +71,12 @@ def format_summary(records: Sequence[Mapping[str, Any]], title: str = "Structure
     """The records as an aligned plain-text table under ``title`` (an empty string for no records)."""
     if not records:
         return ""
+    return render_plain(summary_table(records, title))
+
+
+def render_plain(table: Table) -> str:
+    """A rich table as plain text: no colours, control codes or markup, trailing blanks removed, so
+    the same text reads right in a terminal, a log file, a markdown file and a test."""
     out = io.StringIO()
     console = Console(
         file=out,
@@ -81,5 +87,5 @@ def format_summary(records: Sequence[Mapping[str, Any]], title: str = "Structure
         emoji=False,
         highlight=False,
     )
-    console.print(summary_table(records, title))
+    console.print(table)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
