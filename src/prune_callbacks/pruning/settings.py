@@ -414,6 +414,8 @@ class PruningSettings:
                 "must be a schedule name or a non-empty list of ratios",
                 "e.g. schedule=linear",
             )
+        # (key, value shown, count) of each source of a step count; the epochs come last, so the
+        # error names the step count or the schedule against the one after it.
         counts: list[tuple[str, Any, int]] = []
         if self.iterative_steps is not None:
             counts.append(("iterative_steps", self.iterative_steps, self.iterative_steps))
@@ -423,18 +425,17 @@ class PruningSettings:
             counts.append(
                 ("epochs" if self.epochs is not None else "end_epoch", None, len(self.prune_epochs()))
             )
+        what = {
+            "iterative_steps": "steps",
+            "schedule": "ratios",
+            "epochs": "pruning epochs",
+            "end_epoch": "pruning epochs (start_epoch..end_epoch)",
+        }
         for (key_a, value_a, n_a), (key_b, _, n_b) in zip(counts, counts[1:]):
             if n_a != n_b:
-                key, value = (key_a, value_a) if key_a != "epochs" and key_a != "end_epoch" else (key_b, None)
-                what = {
-                    "iterative_steps": "steps",
-                    "schedule": "ratios",
-                    "epochs": "pruning epochs",
-                    "end_epoch": "pruning epochs (start_epoch..end_epoch)",
-                }
                 raise SettingsError(
-                    key,
-                    value if value is not None else getattr(self, key),
+                    key_a,
+                    value_a,
                     f"gives {n_a} {what[key_a]} but {key_b} gives {n_b} {what[key_b]}",
                     "make them agree (one step per pruning epoch, one ratio per step) or leave one unset",
                 )
