@@ -13,10 +13,12 @@ Both libraries use L2-magnitude group importance and local pruning: 50% of the c
 group; for the ViT, 50% of the hidden and MLP channels and 50% of the attention heads (whole heads,
 head size kept). The classifier keeps its outputs. Times are CPU seconds of the process (one
 thread; a busy machine inflates wall time, not CPU time); wall times are recorded as well, and
-our phase breakdown (wall). Ours: best of ``--rounds`` rounds after one
-warm-up; Torch-Pruning: best of ``--tp-rounds`` rounds after a warm-up (default 3; DenseNet-201:
-one round, no warm-up, as it takes about a minute). Rounds of the two libraries alternate.
-Results go to ``benchmarks/results/prune_step.json``.
+our phase breakdown (wall) and the cost of verification: every prune ends with a forward pass of
+the pruned model on the example input (on the meta device), reported as the number of such
+forwards in the step, their wall seconds and their share of the step's wall time. Ours: best of
+``--rounds`` rounds after one warm-up; Torch-Pruning: best of ``--tp-rounds`` rounds after a
+warm-up (default 3; DenseNet-201: one round, no warm-up, as it takes about a minute). Rounds of
+the two libraries alternate. Results go to ``benchmarks/results/prune_step.json``.
 
 Run: ``python benchmarks/prune_step.py`` (``--models resnet50 vit`` for a subset, ``--profile``
 to print where our time goes).
@@ -104,15 +106,19 @@ def run_ours(case: Case, profile: bool = False) -> dict[str, Any]:
             prof.enable()
         c0, t0 = time.process_time(), time.perf_counter()
         pruner = Pruner(model, case.example, MagnitudeImportance(p=2), pruning_ratio=0.5, **kwargs)
-        c1 = time.process_time()
+        c1, t1 = time.process_time(), time.perf_counter()
         pruner.step()
         c2, t2 = time.process_time(), time.perf_counter()
         if prof:
             prof.disable()
+    verifier = pruner.DG.verifier
     out = {
         "construct": c1 - c0,
         "step": c2 - c1,
         "wall": t2 - t0,
+        "step_wall": t2 - t1,
+        "verify_runs": verifier.runs if verifier is not None else 0,
+        "verify_s": verifier.seconds if verifier is not None else 0.0,
         "phases": {k: round(v, 3) for k, v in pruner.timings.items()},
         "model": model,
     }
@@ -209,15 +215,21 @@ def main() -> None:
                 tps.append(run_tp(case, tp))
         best = min(ours, key=lambda r: r["construct"] + r["step"])
         ours_check = _check(best["model"], x)
+        if not tps:  # --tp-rounds 0: no baseline this run
+            raise SystemExit("--tp-rounds must be at least 1: the ratio needs Torch-Pruning's time")
         tbest = min(tps, key=lambda r: r["construct"] + r["step"])
         tp_check = _check(tbest["model"], x)
         ours_total = best["construct"] + best["step"]
         tp_total = tbest["construct"] + tbest["step"]
+        verify_share = best["verify_s"] / best["step_wall"] if best["step_wall"] > 0 else 0.0
         row = {
             "model": case.name,
             "ours": {
                 **_summary(best, ours),
                 "phases_wall_s": best["phases"],
+                "verify_runs": best["verify_runs"],
+                "verify_s": round(best["verify_s"], 4),
+                "verify_share_of_step": round(verify_share, 4),
                 "all_phases_wall_s": [r["phases"] for r in ours],
                 **ours_check,
             },
@@ -232,16 +244,21 @@ def main() -> None:
         print(
             f"{case.name:>14}: ours {best['construct']:.2f}+{best['step']:.2f}={ours_total:.2f}s  "
             f"TP {tbest['construct']:.2f}+{tbest['step']:.2f}={tp_total:.2f}s  ratio {row['ratio']:.3f} "
-            f"(target <= {targets[key]}; wall ratio {row['wall_ratio']:.3f})  phases {best['phases']}",
+            f"(target <= {targets[key]}; wall ratio {row['wall_ratio']:.3f})  phases {best['phases']}  "
+            f"verification {best['verify_runs']} forward(s), {best['verify_s']:.3f}s = "
+            f"{100 * verify_share:.1f}% of the step",
             flush=True,
         )
         if args.profile:
             print(best["profile"])
     print()
-    print("CPU seconds (one thread); 'wall' columns: wall-clock seconds of the same rounds")
+    print("CPU seconds (one thread); 'wall' columns: wall-clock seconds of the same rounds;")
+    print("'verify': the verifying forward(s) of our step (count, wall seconds, share of the step's wall")
+    print("time)")
     header = (
         f"{'model':>14} | {'ours build':>10} {'ours step':>9} {'ours':>7} {'wall':>6} | "
-        f"{'TP build':>8} {'TP step':>8} {'TP':>7} {'wall':>6} | {'ratio':>6} {'wall':>6} {'target':>6}"
+        f"{'TP build':>8} {'TP step':>8} {'TP':>7} {'wall':>6} | {'ratio':>6} {'wall':>6} {'target':>6} | "
+        f"{'verify':>16}"
     )
     print(header)
     print("-" * len(header))
@@ -251,7 +268,8 @@ def main() -> None:
             f"{r['model']:>14} | {o['construct_s']:>10.2f} {o['step_s']:>9.2f} {o['total_s']:>7.2f} "
             f"{o['wall_s']:>6.2f} | {t['construct_s']:>8.2f} {t['step_s']:>8.2f} {t['total_s']:>7.2f} "
             f"{t['wall_s']:>6.2f} | {r['ratio']:>6.3f} {r['wall_ratio']:>6.3f} "
-            f"{'<=' + str(r['target_ratio']):>6}{'' if r['meets_target'] else '  MISSED'}"
+            f"{'<=' + str(r['target_ratio']):>6}{'' if r['meets_target'] else '  MISSED'} | "
+            f"{o['verify_runs']}x {o['verify_s']:.3f}s {100 * o['verify_share_of_step']:.1f}%"
         )
     meta = {
         "torch": torch.__version__,

@@ -1,6 +1,12 @@
 """Random CNN generator for property tests: convs (plain, grouped, depthwise), BN, ReLU,
 residual adds, concats (also concat of concats), splits (also split then concat), flatten into
-linear layers. Also the "masked" reference: the original model with given channels zeroed."""
+linear layers. Also the "masked" reference: the original model with given channels zeroed.
+
+:func:`random_hostile_cnn` draws the same nets plus "hostile" ops that hide sizes from the
+autograd trace (sizes in module attributes, sizes derived from ``x.shape`` or from another
+tensor's shape, detached / ``no_grad`` branches, reductions over the channel dim); each is a
+small module below (:data:`HOSTILE_OPS`), and :func:`hostile_example` builds a fixed tiny net
+around one of them."""
 
 from __future__ import annotations
 
@@ -18,6 +24,127 @@ class SplitSizes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(x, self.sizes, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile ops: sizes the autograd trace does not see
+# --------------------------------------------------------------------------------------------
+
+
+class ScaleByShape(nn.Module):
+    """``x * scale.view(self.shape)``: a bare parameter viewed with a size kept in an attribute."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.shape = (1, c, 1, 1)
+        self.scale = nn.Parameter(torch.empty(c).uniform_(0.5, 1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view(self.shape)
+
+
+class WidthReshape(nn.Module):
+    """``x.reshape(n, self.width, h, w)``: an identity reshape whose channel count is an attribute."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.width = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return x.reshape(n, self.width, h, w)
+
+
+class ChannelCheck(nn.Module):
+    """``assert x.shape[1] == self.channels``: a size checked, not used by any op."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == self.channels, f"expected {self.channels} channels, got {x.shape[1]}"
+        return x
+
+
+class HalfSum(nn.Module):
+    """``x.view(b, c // 2, 2, h, w).sum(2)``: sizes derived from the same tensor's shape (channel
+    pairs ``2i, 2i + 1`` summed into channel ``i``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.view(b, c // 2, 2, h, w).sum(2)
+
+
+class ReshapeLike(nn.Module):
+    """``x.reshape(ref.shape)``: a reshape whose sizes come from another tensor."""
+
+    def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return x.reshape(ref.shape[0], ref.shape[1], ref.shape[2], ref.shape[3])
+
+
+class DetachedBranch(nn.Module):
+    """``x + conv(x.detach())``: a branch that leaves autograd, added back to the main path."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x.detach())
+
+
+class NoGradConv(nn.Module):
+    """A convolution applied under ``torch.no_grad()`` (its output has no autograd history)."""
+
+    def __init__(self, c: int, out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.conv(x)
+
+
+class MeanGate(nn.Module):
+    """``x * x.mean(1, keepdim=True)``: a reduction over channels (not a normalisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.mean(1, keepdim=True)
+
+
+class ChannelSoftmax(nn.Module):
+    """``softmax(x, dim=1)``: a reduction over channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=1)
+
+
+class HandRMSNorm(nn.Module):
+    """``x * rsqrt(mean(x ** 2, 1) + eps)``: a hand-written RMS normalisation over channels (may be
+    pruned like a norm layer; the pruned output is then not exactly the masked one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-5)
+
+
+#: The hostile op kinds of :func:`random_hostile_cnn` and :func:`hostile_example`.
+HOSTILE_OPS: tuple[str, ...] = (
+    "scale",
+    "width",
+    "check",
+    "halfsum",
+    "reshape_like",
+    "detached",
+    "nograd",
+    "mean",
+    "softmax",
+    "rmsnorm",
+)
+#: Hostile ops that make the pruned output differ from the masked one even when pruned correctly.
+INEXACT_OPS: frozenset[str] = frozenset({"rmsnorm"})
+#: Hostile ops that reduce over channels without being a normalisation (their groups are refused).
+REDUCTION_OPS: frozenset[str] = frozenset({"mean", "softmax"})
 
 
 class RandNet(nn.Module):
@@ -44,6 +171,9 @@ class RandNet(nn.Module):
                 feats.extend(self.layers[name](feats[src]))
             elif op == "relu":
                 feats.append(torch.relu(feats[args[0]]))
+            elif op == "layer2":
+                src, ref, name = args
+                feats.append(self.layers[name](feats[src], feats[ref]))
         return feats[-1]
 
 
@@ -139,6 +269,68 @@ class _Builder:
         return self.feature(chans[left])
 
 
+class _HostileBuilder(_Builder):
+    """A :class:`_Builder` that can also add the :data:`HOSTILE_OPS`; ``ops`` lists those added.
+    With ``fixed`` it draws nothing: plain 3x3 convs and fixed sizes (:func:`hostile_example`)."""
+
+    def __init__(self, draw: st.DrawFn | None, in_ch: int) -> None:
+        super().__init__(draw, in_ch)  # type: ignore[arg-type]
+        self.fixed = draw is None
+        self.ops: list[str] = []
+
+    def pick(self, strategy: st.SearchStrategy, fixed: int) -> int:
+        """A drawn value, or ``fixed`` when the builder is fixed."""
+        return fixed if self.fixed else self.draw(strategy)
+
+    def module(self, src: int, mod: nn.Module, channels: int) -> int:
+        """``mod`` applied to feature ``src``, giving ``channels`` channels; the new feature."""
+        name = self.new_name()
+        self.layers[name] = mod
+        self.program.append(("layer", src, name))
+        return self.feature(channels)
+
+    def conv(self, src: int, out: int | None = None) -> int:
+        """A random conv layer (see :meth:`_Builder.conv`), or conv 3x3 + ReLU when fixed."""
+        if not self.fixed:
+            return super().conv(src, out)
+        out = self.chans[src] if out is None else out
+        return self.module(src, nn.Sequential(nn.Conv2d(self.chans[src], out, 3, padding=1), nn.ReLU()), out)
+
+    def hostile(self, cur: int, op: str) -> int:
+        """Hostile op ``op`` on feature ``cur``; the new current feature."""
+        self.ops.append(op)
+        c = self.chans[cur]
+        if op == "scale":
+            return self.module(cur, ScaleByShape(c), c)
+        if op == "width":
+            return self.module(cur, WidthReshape(c), c)
+        if op == "check":
+            return self.module(cur, ChannelCheck(c), c)
+        if op == "halfsum":
+            cur = self.conv(cur, out=self.pick(st.sampled_from([4, 6, 8]), 8))
+            return self.module(cur, HalfSum(), self.chans[cur] // 2)
+        if op == "reshape_like":
+            other = self.conv(cur, out=c)
+            name = self.new_name()
+            self.layers[name] = ReshapeLike()
+            self.program.append(("layer2", other, cur, name))
+            return self.feature(c)
+        if op == "detached":
+            return self.module(cur, DetachedBranch(c), c)
+        if op == "nograd":
+            mod = NoGradConv(c, self.pick(st.integers(2, 8), 6))
+            cur = self.module(cur, mod, mod.conv.out_channels)
+            self.program.append(("relu", cur))
+            return self.feature(mod.conv.out_channels)
+        if op == "mean":
+            return self.module(cur, MeanGate(), c)
+        if op == "softmax":
+            return self.module(cur, ChannelSoftmax(), c)
+        if op == "rmsnorm":
+            return self.module(cur, HandRMSNorm(), c)
+        raise ValueError(op)
+
+
 @st.composite
 def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     """A random CNN (eval mode) and an input batch."""
@@ -169,12 +361,79 @@ def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
+def _finish(b: _Builder, cur: int, hidden: int, hw: int, in_ch: int) -> tuple[nn.Module, torch.Tensor]:
+    """Flatten + linear + ReLU (the last prunable layer) and the linear head; the model, an input."""
+    head_name = b.new_name()
+    b.layers[head_name] = nn.Sequential(nn.Flatten(), nn.Linear(b.chans[cur] * hw * hw, hidden), nn.ReLU())
+    b.program.append(("layer", cur, head_name))
+    out_name = b.new_name()
+    b.layers[out_name] = nn.Linear(hidden, 5)
+    b.program.append(("layer", b.feature(hidden), out_name))
+    b.feature(5)
+    model = RandNet(b.program, b.layers).eval()
+    return model, torch.randn(2, in_ch, hw, hw)
+
+
+@st.composite
+def random_hostile_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """A random CNN (eval mode) with at least one hostile op, an input batch, and the hostile ops
+    it contains (names from :data:`HOSTILE_OPS`, in program order). The head is the last layer."""
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    in_ch, hw = 3, draw(st.sampled_from([4, 6]))
+    b = _HostileBuilder(draw, in_ch)
+    cur = b.conv(0)
+    plain = ["conv", "residual", "concat", "split", "split_cat", "cat_cat"]
+    ops = draw(st.lists(st.sampled_from(plain + list(HOSTILE_OPS) * 2), min_size=0, max_size=4))
+    ops.insert(draw(st.integers(0, len(ops))), draw(st.sampled_from(HOSTILE_OPS)))
+    for op in ops:
+        if op in HOSTILE_OPS:
+            cur = b.hostile(cur, op)
+        elif op == "conv":
+            cur = b.conv(cur)
+        elif op == "residual":
+            cur = b.residual(cur)
+        elif op in ("concat", "cat_cat"):
+            cur = b.concat(cur, twice=op == "cat_cat")
+        elif op in ("split", "split_cat") and b.chans[cur] >= 4:
+            cur = b.split(cur, then_cat=op == "split_cat")
+    if draw(st.booleans()):
+        cur = b.conv(cur)
+    model, x = _finish(b, cur, draw(st.integers(3, 10)), hw, in_ch)
+    return model, x, b.ops
+
+
+def hostile_example(op: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A fixed tiny net around hostile op ``op``: conv 3->8 + BN + ReLU, the op, conv -> 6 + ReLU,
+    flatten + linear ->4 + ReLU, linear head 4->5 (the last layer). Eval mode, input 2x3x4x4."""
+    torch.manual_seed(seed)
+    b = _HostileBuilder(None, 3)
+    b.layers["l0"] = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU())
+    b.program.append(("layer", 0, "l0"))
+    cur = b.hostile(b.feature(8), op)
+    cur = b.conv(cur, out=6)
+    return _finish(b, cur, 4, 4, 3)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 1.5)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    return bn
+
+
 @torch.no_grad()
-def zero_channels(module: nn.Module, side: str, idxs: list[int]) -> None:
-    """Zero what channels ``idxs`` of ``module`` contribute (the masked reference of a prune)."""
+def zero_channels(module: nn.Module | torch.Tensor, side: str, idxs: list[int], dim: int = 0) -> None:
+    """Zero what channels ``idxs`` of ``module`` contribute (the masked reference of a prune).
+
+    ``module`` may be a bare parameter (channels along ``dim``; ``side`` does not matter)."""
     if not idxs:
         return
     ix = torch.tensor(idxs)
+    if isinstance(module, torch.Tensor):  # a bare parameter, channels along ``dim``
+        module.index_fill_(dim, ix, 0.0)
+        return
     if isinstance(module, nn.Conv2d):
         g = module.groups
         if side == "out" or (g > 1 and g == module.in_channels):

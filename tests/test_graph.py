@@ -956,7 +956,7 @@ REFUSALS = [
     ("grouped-out", GroupedNet, (1, 3, 4, 4), "gconv", [0], r"gconv.*grouped convolution.*output"),
     ("groupnorm", GroupedNet, (1, 3, 4, 4), "gconv", [0, 4], r"gn \(GroupNorm\).*6 channels.*num_groups=4"),
     ("chunks", ChunkNet, (1, 3, 4, 4), "a", [0], r"equal chunks.*unequal sizes"),
-    ("heads", AttnNet, (2, 4, 5), "proj", [0], r"mha.*not divisible by num_heads=2"),
+    ("heads", AttnNet, (2, 4, 5), "proj", [0], r"mha.*every head must lose the same number"),
 ]
 
 
@@ -989,7 +989,7 @@ def test_check_pruning_group_refusals(
         (GroupedNet, (1, 3, 4, 4), "a", [0, 4]),
         (GroupedNet, (1, 3, 4, 4), "gconv", [0, 1, 4, 5]),
         (ChunkNet, (1, 3, 4, 4), "a", [0, 5]),
-        (AttnNet, (2, 4, 5), "proj", [0, 5]),
+        (AttnNet, (2, 4, 5), "proj", [1, 6]),  # one channel of each head
     ],
     ids=["grouped-in", "grouped-out+groupnorm", "chunks", "heads"],
 )
@@ -1622,7 +1622,9 @@ def test_other_layer_families_prune_and_run(factory: Callable, make_input: Calla
     assert got == expected
     before = {n: p.shape for n, p in model.named_parameters()}
     for g in groups:
-        g.prune(idxs=[0, 3])  # two channels: keeps GroupNorm groups and attention heads divisible
+        # two channels: keeps GroupNorm groups divisible; attention loses one channel per head
+        mha = any(isinstance(it.dep.target.module, nn.MultiheadAttention) for it in g)
+        g.prune(idxs=[0, 5] if mha else [0, 3])
     assert model(x).shape == out_shape
     changed = {n.split(".")[0] for n, p in model.named_parameters() if p.shape != before[n]}
     assert changed == set().union(*expected.values())

@@ -4,7 +4,6 @@ registry of layer pruners."""
 from __future__ import annotations
 
 import copy
-import math
 import pickle
 
 import pytest
@@ -151,6 +150,20 @@ def _channels(fn: PruningFunction, obj) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _unscaled_queries(mha: nn.MultiheadAttention, old_head_dim: int) -> torch.Tensor:
+    """All values of a pruned ``mha`` with its query rows divided by the scale the prune applied
+    (``sqrt(new head_dim / old head_dim)``), rounded back to the integers ``fill_unique`` wrote."""
+    factor = (mha.head_dim / old_head_dim) ** 0.5
+    e = mha.embed_dim
+    values = []
+    for name, p in named_params(mha).items():
+        t = p.detach().clone()
+        if name in ("in_proj_weight", "in_proj_bias", "q_proj_weight"):
+            t[:e] /= factor
+        values.append(t.round().flatten())
+    return torch.cat(values)
+
+
 def check_views_match_pruning(obj, fn: PruningFunction, removed) -> None:
     """Rows ``removed`` of all views hold exactly the entries that pruning ``removed`` deletes.
 
@@ -167,8 +180,11 @@ def check_views_match_pruning(obj, fn: PruningFunction, removed) -> None:
         rows.append(v[sorted(set(removed))].flatten())
     collected = torch.cat(rows).sort().values if rows else torch.zeros(0)
     before = all_values(obj)
+    head_dim = obj.head_dim if isinstance(obj, nn.MultiheadAttention) else None
     pruned = fn(copy.deepcopy(obj), removed)
     after = all_values(pruned)
+    if head_dim is not None:  # the queries of the smaller heads are scaled: undo it to compare
+        after = _unscaled_queries(pruned, head_dim)
     expected = before[~torch.isin(before, after)].sort().values
     if len(set(removed)) == 1:
         assert torch.equal(collected, expected)
@@ -638,22 +654,20 @@ def test_embedding_out_and_no_in():
 
 
 def _mha_reference(mha: nn.MultiheadAttention, removed, new_head_dim: int) -> nn.MultiheadAttention:
-    """Original module rewired to compute what the pruned one computes, on full-size tensors.
-
-    Removed query rows are zeroed (their score terms vanish), removed out_proj columns are zeroed
-    (their value channels vanish), and kept query rows are scaled so the 1/sqrt(head_dim) factor
-    of the smaller heads is reproduced.
+    """Original module rewired to compute what the pruned one computes, on full-size tensors:
+    the masked module. Removed query rows are zeroed (their score terms vanish) and removed
+    out_proj columns are zeroed (their value channels vanish). The pruned module scales its
+    queries so that its smaller heads' 1/sqrt(head_dim) gives the scores of the masked one, so
+    the reference keeps the original scale (``new_head_dim`` only documents the pruned size).
     """
     ref = copy.deepcopy(mha)
     e = mha.embed_dim
-    scale = math.sqrt(mha.head_dim / new_head_dim)
+    assert new_head_dim < mha.head_dim
     rm = torch.tensor(sorted(removed))
     with torch.no_grad():
         q_weight = ref.in_proj_weight[:e] if ref._qkv_same_embed_dim else ref.q_proj_weight
-        q_weight.mul_(scale)
         q_weight[rm] = 0
         if ref.in_proj_bias is not None:
-            ref.in_proj_bias[:e].mul_(scale)
             ref.in_proj_bias[rm] = 0
         ref.out_proj.weight[:, rm] = 0
     return ref

@@ -33,6 +33,7 @@ from prune_callbacks.graph.rules import (
     ReshapeRule,
     SelectRule,
     SliceRule,
+    SoftmaxRule,
     SplitRule,
     StackRule,
     UnbindRule,
@@ -139,8 +140,11 @@ def test_the_registry_covers_the_op_vocabulary() -> None:
     assert vocabulary == set(EXPECTED)
     assert set(RULES) == vocabulary | KNOWN_ELEMENTWISE
     assert not vocabulary & KNOWN_ELEMENTWISE
-    for name in KNOWN_ELEMENTWISE:
+    softmax = {"Softmax", "LogSoftmax", "SafeSoftmax"}  # elementwise except along their dim
+    for name in KNOWN_ELEMENTWISE - softmax:
         assert RULES[name] is TYPE_RULES[OpType.ELEMENTWISE]
+    for name in softmax:
+        assert isinstance(RULES[name], SoftmaxRule) and isinstance(RULES[name], ElementwiseRule)
     # a name's rule is its family's unless it behaves differently from the family
     own = {"Stack", "Unbind", "Repeat", "Slice", "Narrow", "Select", "Gather"}
     for name in vocabulary - own:

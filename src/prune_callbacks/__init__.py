@@ -11,7 +11,8 @@ This module holds what a user needs; everything else stays importable from its s
 every layer pruner and ``prune_*`` function).
 """
 
-from .graph import DependencyGraph, Group, PruningError
+from .graph import DependencyGraph, Group, MultipleInputs, PruningError, VerificationError
+from .graph.attributes import register_size_attributes
 from .layers import LayerPruner, prune_conv_out_channels, prune_linear_out_channels, track_parameter_updates
 from .measure.flops import count_macs_and_params, count_params, measure_latency
 from .pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
@@ -49,6 +50,9 @@ __all__ = [
     "DependencyGraph",
     "Group",
     "PruningError",
+    "VerificationError",
+    "MultipleInputs",
+    "register_size_attributes",
     "LayerPruner",
     "prune_conv_out_channels",
     "prune_linear_out_channels",

@@ -17,19 +17,30 @@ Flow:
    repeated blocks (:mod:`.repeats`) instead of searching again.
 5. Before a prune, :mod:`.attributes` works out the size attributes (head counts, split sizes)
    that must follow and :mod:`.checks` says whether the result is a valid model; :mod:`.apply`
-   prunes atomically (:class:`PruningError` after restoring the model), updates the recorded
-   shapes and writes the history record.
+   prunes atomically (:class:`PruningError` after restoring the model) and :mod:`.verify` runs
+   the pruned model on its example inputs (:class:`VerificationError`: restored too); then the
+   recorded shapes are updated and the history record written.
 
 The graph core imports torch and :mod:`prune_callbacks.layers` only.
 """
 
 from .closure import OutputBarrier
-from .dependency import AttributeUpdate, Dependency, Group, GroupGraph, GroupItem, PruningError, snapshot
+from .dependency import (
+    AttributeUpdate,
+    Dependency,
+    Group,
+    GroupGraph,
+    GroupItem,
+    PruningError,
+    VerificationError,
+    snapshot,
+)
 from .dependency_graph import DEFAULT_ROOT_TYPES, DependencyGraph, gc_paused
 from .index_mapping import Barrier, RootMap
 from .node import Edge, Node
 from .ops import OpType
-from .tracing import trace_model
+from .tracing import MultipleInputs, trace_model
+from .verify import ForwardCheck
 
 __all__ = [
     "DEFAULT_ROOT_TYPES",
@@ -38,14 +49,17 @@ __all__ = [
     "Dependency",
     "DependencyGraph",
     "Edge",
+    "ForwardCheck",
     "Group",
     "GroupGraph",
     "GroupItem",
+    "MultipleInputs",
     "Node",
     "OpType",
     "OutputBarrier",
     "PruningError",
     "RootMap",
+    "VerificationError",
     "gc_paused",
     "snapshot",
     "trace_model",

@@ -18,16 +18,27 @@ import torch.nn as nn
 from ..layers import once_per_parameter
 from .attributes import SHARED_HOLDER_ATTR, pruned_shape
 from .checks import GroupChecker
-from .dependency import Group, PruningError, snapshot
+from .dependency import Group, PruningError, VerificationError, snapshot
 from .facts import param_dim, side_of
 from .node import Dependency, fn_name
+from .verify import ForwardCheck
 
 
-def apply_group(group: Group, checker: GroupChecker) -> None:
+def apply_group(
+    group: Group,
+    checker: GroupChecker,
+    verify: ForwardCheck | None = None,
+    *,
+    check_shared: bool = True,
+    keep: bool = True,
+) -> None:
     """Prune ``group`` atomically: refuse it with ``ValueError`` (nothing changed) when
     ``checker`` finds a problem; restore everything and raise :class:`PruningError` naming the
-    layer when a pruning function fails. Then shrink the shapes the graph records."""
-    reason = checker.explain(group)
+    layer when a pruning function fails, or :class:`VerificationError` when the pruned model fails
+    ``verify`` (its forward raises or an output changes shape). Then shrink the shapes the graph
+    records. ``keep=False`` restores the model after a successful prune too (a probe: see
+    :func:`probe_group`); ``check_shared`` is passed to :meth:`GroupChecker.explain`."""
+    reason = checker.explain(group, check_shared)
     if reason is not None:
         raise ValueError(f"refusing to prune this group: {reason}")
     targets = [item.dep.target.module for item in group] + [m for m, *_ in group.attribute_updates]
@@ -48,7 +59,37 @@ def apply_group(group: Group, checker: GroupChecker) -> None:
         restore()
         where = f"{current.target.name} ({fn_name(current.handler)})" if current is not None else "attributes"
         raise PruningError(f"pruning failed at {where}: {e}. The model was restored unchanged.") from e
-    update_shapes(group)
+    problem = verify.problem() if verify is not None else None
+    if problem is not None or not keep:
+        restore()
+    if problem is not None:
+        raise VerificationError(f"{describe(group)}: {problem}. The model was restored unchanged.", problem)
+    if keep:
+        update_shapes(group)
+
+
+def probe_group(group: Group, checker: GroupChecker, verify: ForwardCheck) -> str | None:
+    """Why pruning ``group`` would break the model (refused by the checks other than the shared
+    config one, a pruning function failing, or the verifying forward failing), or None when the
+    pruned model runs; the model is left unchanged either way."""
+    try:
+        apply_group(group, checker, verify, check_shared=False, keep=False)
+    except VerificationError as e:
+        return e.problem
+    except (ValueError, PruningError) as e:
+        return str(e)
+    return None
+
+
+def describe(group: Group, limit: int = 4) -> str:
+    """The layers of a group, for messages: ``"the group of conv1 (conv1, bn1, conv2, +3 more)"``."""
+    names: list[str] = []
+    for item in group:
+        name = item.dep.target.name
+        if name not in names:
+            names.append(name)
+    shown = ", ".join(names[:limit]) + (f", +{len(names) - limit} more" if len(names) > limit else "")
+    return f"the group of {group.root.dep.target.name} ({shown})"
 
 
 def update_shapes(group: Group) -> None:
@@ -105,4 +146,4 @@ def object_name(obj: Any, names: dict[Any, str]) -> str:
     return ""
 
 
-__all__ = ["apply_group", "history_record", "object_name", "update_shapes"]
+__all__ = ["apply_group", "describe", "history_record", "object_name", "probe_group", "update_shapes"]

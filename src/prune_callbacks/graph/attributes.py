@@ -98,11 +98,12 @@ def _split_updates(split: Node, edge: Edge, m: RootMap) -> list[AttributeUpdate]
         return []
     owner = split.owner
     if "split_sizes" in split.attrs:
-        return [
+        found: list[AttributeUpdate] = [
             (owner, attr, value, type(value)(new))
             for attr, value in vars(owner).items()
             if isinstance(value, (list, tuple)) and list(value) == old
         ]
+        return found or _split_size_ints(owner, old, new)
     size = split.attrs.get("split_size")
     followed: list[AttributeUpdate] = [
         (owner, attr, value, new[0])
@@ -112,6 +113,40 @@ def _split_updates(split: Node, edge: Edge, m: RootMap) -> list[AttributeUpdate]
     if split.attrs.get("call") == "chunk" or followed:
         return [(owner, "<chunks>", tuple(old), tuple(new)), *followed]
     return [(owner, "<literal split>", tuple(old), tuple(new))]
+
+
+#: Parts of attribute names that hold something other than a width (counts, positions...): an
+#: int attribute named so is never taken for a split size just because its value matches.
+_NOT_WIDTHS = (
+    *("idx", "index", "layer", "depth", "num_", "n_"),
+    *("resolution", "stride", "kernel", "pad", "step"),
+)
+
+
+def _split_size_ints(owner: Any, old: list[int], new: list[int]) -> list[AttributeUpdate]:
+    """Int attributes the split sizes were built from (``split([self.key_dim, self.key_dim,
+    self.val_dim])``, ``split((self.c, self.c))``): for every piece whose size changes, the
+    owner's int attributes equal to its old size, set to its new size. Two pieces of one
+    attribute pruned differently give two values (refused as a conflict); a changed piece no
+    attribute explains gives a ``<literal split>`` note."""
+    ints = [
+        (attr, value)
+        for attr, value in _plain_attributes(owner)
+        if isinstance(value, int)
+        and not isinstance(value, bool)
+        and attr not in HEADS_ATTRS
+        and not any(part in attr.lower() for part in _NOT_WIDTHS)
+    ]
+    updates: list[AttributeUpdate] = []
+    for size, size_new in zip(old, new):
+        matching = [(owner, attr, value, size_new) for attr, value in ints if value == size]
+        if not matching and size != size_new:
+            return [(owner, "<literal split>", tuple(old), tuple(new))]
+        # an unchanged piece pins its attribute: another piece of it may not change
+        updates.extend(u for u in matching if u not in updates)
+    if len(set(old)) == 1 and len(old) > 1:  # equal pieces of one size: they must stay equal
+        updates.append((owner, "<chunks>", tuple(old), tuple(new)))
+    return updates
 
 
 def slice_attribute_updates(
@@ -187,13 +222,18 @@ def reshape_attribute_updates(edge_maps: dict[Edge, RootMap]) -> list[AttributeU
         for d in range(len(old)):
             if old[d] == new[d]:
                 continue
-            names = _size_names(split, d, len(old))
+            names = _size_names(split, d, len(old)) + registered_size_attributes(node.owner)
             if names is HEADS_ATTRS:
                 heads.setdefault(node.owner, set()).add(new[d])
+            named = False
             for attr in names:
-                if getattr(node.owner, attr, None) == old[d] and (id(node.owner), attr) not in done:
-                    done.add((id(node.owner), attr))
-                    updates.append((node.owner, attr, old[d], new[d]))
+                if getattr(node.owner, attr, None) == old[d]:
+                    named = True
+                    if (id(node.owner), attr) not in done:
+                        done.add((id(node.owner), attr))
+                        updates.append((node.owner, attr, old[d], new[d]))
+            if not named:
+                updates.extend(_found_by_value(node.owner, node.attrs.get("size_args"), old, new, d, done))
     # Attention modules that read their (query) head count from elsewhere (a shared config)
     # still report their own new head counts.
     for owner, counts in heads.items():
@@ -202,6 +242,67 @@ def reshape_attribute_updates(edge_maps: dict[Edge, RootMap]) -> list[AttributeU
             if len(counts) > 1 and not any(hasattr(owner, a) for a in KV_HEADS_ATTRS):
                 updates.append((owner, "num_key_value_heads", None, min(counts)))
     return updates
+
+
+#: Extra size attribute names per module class (:func:`register_size_attributes`).
+_REGISTERED: dict[type, tuple[str, ...]] = {}
+
+
+def register_size_attributes(module_class: type, *names: str) -> None:
+    """Declare that modules of ``module_class`` (and subclasses) hold sizes in the attributes
+    ``names`` (ints, or tuples of ints such as a shape) that their reshapes use: a prune that
+    changes such a size updates them. Attributes whose value equals the changed size are found
+    without this; registering helps when several attributes hold the same value."""
+    if not isinstance(module_class, type):
+        raise TypeError(f"register_size_attributes: module_class must be a class, got {module_class!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n.isidentifier()]
+    if bad or not names:
+        raise ValueError(f"register_size_attributes: give attribute names (identifiers), got {names!r}")
+    _REGISTERED[module_class] = tuple(dict.fromkeys((*_REGISTERED.get(module_class, ()), *names)))
+
+
+def registered_size_attributes(owner: Any) -> tuple[str, ...]:
+    """The size attribute names registered for ``owner``'s class and its bases."""
+    return tuple(n for cls, names in _REGISTERED.items() if isinstance(owner, cls) for n in names)
+
+
+def _plain_attributes(owner: Any) -> list[tuple[str, Any]]:
+    """The owner's own public attributes (no parameters, buffers or submodules)."""
+    return [(k, v) for k, v in vars(owner).items() if not k.startswith("_") and k != "training"]
+
+
+def _found_by_value(
+    owner: Any,
+    sizes: list[int | None] | None,
+    old: tuple[int, ...],
+    new: tuple[int, ...],
+    d: int,
+    done: set[tuple[int, str]],
+) -> list[AttributeUpdate]:
+    """Size attributes found by their value rather than their name, for dimension ``d`` of a
+    reshape's output going from ``old`` to ``new`` when the reshape was called with the size
+    arguments ``sizes`` and ``sizes[d]`` is that size: an int attribute equal to it, or a tuple /
+    list equal to the size arguments from some position on (``self.shape = (dim,)`` used as
+    ``scale.view(self.shape)``). Head counts and head sizes are left to the name lists; the
+    verifying forward catches an attribute that was not the one the reshape read."""
+    if not sizes or len(sizes) != len(old) or sizes[d] != old[d]:
+        return []  # the size was computed (or -1): no attribute holds it as such
+    found: list[AttributeUpdate] = []
+    for attr, value in _plain_attributes(owner):
+        if (id(owner), attr) in done or attr in HEADS_ATTRS or attr in HEAD_DIM_ATTRS:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value == old[d] > 1:
+            found.append((owner, attr, value, new[d]))
+        elif isinstance(value, (tuple, list)) and 0 < len(value) <= len(old):
+            tail = len(old) - len(value)
+            if tail <= d and list(value) == sizes[tail:]:
+                found.append((owner, attr, value, type(value)(new[tail:])))
+            else:
+                continue
+        else:
+            continue
+        done.add((id(owner), attr))
+    return found
 
 
 def _size_names(head_split: bool, d: int, ndim: int) -> tuple[str, ...]:
@@ -291,6 +392,8 @@ __all__ = [
     "SIZE_ATTRS",
     "attribute_edges",
     "attribute_updates_for",
+    "register_size_attributes",
+    "registered_size_attributes",
     "has_update",
     "pruned_shape",
     "reshape_attribute_updates",

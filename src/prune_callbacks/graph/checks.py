@@ -49,8 +49,15 @@ def _group_norm_rule(node: Node, side: str, n: int, idxs: set[int]) -> str | Non
 
 def _multihead_attention_rule(node: Node, side: str, n: int, idxs: set[int]) -> str | None:
     module = node.module
-    if isinstance(module, nn.MultiheadAttention) and (n - len(idxs)) % module.num_heads:
-        return f"{node.name}: embed dim {n - len(idxs)} is not divisible by num_heads={module.num_heads}"
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    head_dim = n // module.num_heads
+    counts = {sum(1 for i in idxs if i // head_dim == h) for h in range(module.num_heads)}
+    if len(counts) > 1:
+        return (
+            f"{node.name} is an nn.MultiheadAttention with {module.num_heads} heads: every head must "
+            "lose the same number of embed channels, or channels would move to other heads"
+        )
     return None
 
 
@@ -96,15 +103,23 @@ class GroupChecker:
     """Explains why a group cannot be pruned (see the module docstring).
 
     ``facts`` gives channel counts; ``model`` and ``names`` (object -> qualified name) are used
-    to find every module that holds a shared config and to name one in a message.
+    to find every module that holds a shared config and to name one in a message;
+    ``kept`` (``(node, side)`` -> why) are layer sides whose channels must not change.
     """
 
-    __slots__ = ("facts", "model", "names")
+    __slots__ = ("facts", "kept", "model", "names")
 
-    def __init__(self, facts: LayerFacts, model: nn.Module | None, names: dict[Any, str]) -> None:
+    def __init__(
+        self,
+        facts: LayerFacts,
+        model: nn.Module | None,
+        names: dict[Any, str],
+        kept: dict[tuple[Node, str], str] | None = None,
+    ) -> None:
         self.facts = facts
         self.model = model
         self.names = names
+        self.kept = kept or {}
 
     def explain(self, group: Group, check_shared: bool = True) -> str | None:
         """Why ``group`` cannot be pruned, or None when it can. ``check_shared=False`` skips the
@@ -116,6 +131,8 @@ class GroupChecker:
             n = self.facts.channel_count(
                 node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None
             )
+            if self.kept and item.idxs and (node, side) in self.kept:
+                return self.kept[(node, side)]
             if n is None:
                 continue
             idxs = set(item.idxs)

@@ -60,6 +60,15 @@ class PruningError(RuntimeError):
     """A group prune failed; the model was restored to its state before the prune."""
 
 
+class VerificationError(PruningError):
+    """The pruned model failed its verifying forward (it raised, or an output changed shape); the
+    model was restored. ``problem`` says what the forward did."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 class Group:
     """Every (layer, channel indices) pair that must be removed together, root first.
 
@@ -216,6 +225,7 @@ __all__ = [
     "Group",
     "GroupGraph",
     "GroupItem",
+    "VerificationError",
     "PruningError",
     "Snapshot",
     "snapshot",

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..layers import LayerPruner, ParameterPruner
+from ..layers import LayerPruner, ParameterPruner, get_pruner
 from . import attributes
-from .apply import apply_group, history_record
+from .apply import apply_group, history_record, probe_group
 from .checks import GroupChecker
 from .closure import ClosureSearch, OutputBarrier
 from .dependency import AttributeUpdate, Group, PruningError
@@ -36,7 +36,9 @@ from .groups import GroupEnumerator
 from .index_mapping import Barrier, RootMap
 from .node import Dependency, Edge, Node
 from .ops import OpType
+from .provenance import derived_size_problem, size_readers
 from .tracing import Trace, trace_model
+from .verify import ForwardCheck
 
 
 @contextmanager
@@ -71,7 +73,10 @@ class DependencyGraph:
     whose output channels never change); ``unknown_ops`` (autograd ops treated as elementwise);
     ``traced_on_meta`` (whether the trace ran on meta tensors); ``pruning_history`` (one
     :meth:`history_record` per prune with ``record_history``; a caller may give it its own list);
-    ``facts`` (:class:`~.facts.LayerFacts`); ``checker`` (:class:`~.checks.GroupChecker`).
+    ``facts`` (:class:`~.facts.LayerFacts`); ``checker`` (:class:`~.checks.GroupChecker`);
+    ``verifier`` (the :class:`~.verify.ForwardCheck` every prune ends with, None without
+    verification); ``uncalled`` (names of layers with parameters that never ran in the trace);
+    ``size_readers`` (tensor -> ops called with sizes computed from its shape, :mod:`.provenance`).
     """
 
     __slots__ = (
@@ -84,6 +89,9 @@ class DependencyGraph:
         "pruning_history",
         "facts",
         "checker",
+        "verifier",
+        "uncalled",
+        "size_readers",
         "_names",
         "_order",
         "_customized",
@@ -104,6 +112,9 @@ class DependencyGraph:
         self._names: dict[Any, str] = {}
         self._order: dict[Any, int] = {}
         self.checker = GroupChecker(self.facts, None, self._names)
+        self.verifier: ForwardCheck | None = None
+        self.uncalled: list[str] = []
+        self.size_readers: dict[Edge, list[Node]] = {}
         self._customized: dict[type, LayerPruner] = {}
         # Block size found per repeated attention layer (see GroupEnumerator.head_group).
         self._head_block_hints: dict[tuple[str, int, int], int] = {}
@@ -118,6 +129,7 @@ class DependencyGraph:
         unwrapped_parameters: Any = None,
         customized_pruners: Mapping[type, LayerPruner] | None = None,
         ignored_layers: Iterable[Any] | None = None,
+        verify: bool = True,
     ) -> DependencyGraph:
         """Trace ``model`` once on ``example_inputs`` (tensor, tuple of positional arguments or
         dict of keyword arguments) and build the graph. Returns ``self``.
@@ -125,6 +137,10 @@ class DependencyGraph:
         ``unwrapped_parameters``: bare parameters to prune, as ``{param: dim}``, a list of
         ``(param, dim)`` pairs or a list of parameters (dim found from how they are used).
         ``ignored_layers``: modules or parameters whose output channels must never change.
+        ``example_inputs`` may be :class:`~.tracing.MultipleInputs` (the traces are merged).
+        ``verify``: every prune ends by running the model on the example inputs (on meta
+        tensors where the trace could) and is undone when the forward fails or an output
+        changes shape (:mod:`.verify`).
         """
         self.model = model
         self._customized = dict(customized_pruners or {})
@@ -146,7 +162,16 @@ class DependencyGraph:
         self._names.update({p: n for n, p in model.named_parameters()})
         self._order = {m: i for i, m in enumerate(self._names)}
         self.facts = LayerFacts(model, self.nodes)
-        self.checker = GroupChecker(self.facts, model, self._names)
+        self.size_readers = size_readers(self.nodes)
+        self.uncalled = [self._names[m] for m in trace.uncalled if id(m) not in self.ignored]
+        self.checker = GroupChecker(self.facts, model, self._names, self._kept_sides(trace.uncalled))
+        self.verifier = (
+            ForwardCheck(
+                model, example_inputs, trace.output_shapes, trace.on_meta, forward_fn, output_transform
+            )
+            if verify
+            else None
+        )
         with gc_paused():
             self._build_dependencies()
         if self.unknown_ops:
@@ -157,6 +182,44 @@ class DependencyGraph:
                 stacklevel=2,
             )
         return self
+
+    def _kept_sides(self, uncalled: list[nn.Module]) -> dict[tuple[Node, str], str]:
+        """Layer sides that must keep their channels because a layer that never ran on the
+        example inputs may share their tensors: for each such layer, the layers of the same
+        parent module with as many input channels keep their inputs, and those with as many
+        output channels keep their outputs (its likely alternatives, as in ``self.a(x) if cond
+        else self.b(x)``, read the same input and feed the same consumers). The layers that
+        never ran are named in a warning."""
+        uncalled = [m for m in uncalled if id(m) not in self.ignored]
+        if not uncalled:
+            return {}
+        parents = {m: n.rpartition(".")[0] for m, n in self._names.items() if isinstance(m, nn.Module)}
+        kept: dict[tuple[Node, str], str] = {}
+        for module in uncalled:
+            pruner = get_pruner(module, self._customized)
+            if pruner is None:
+                continue
+            widths = {"in": pruner.in_channels(module), "out": pruner.out_channels(module)}
+            for other, node in self.module2node.items():
+                if not isinstance(other, nn.Module) or parents.get(other) != parents.get(module):
+                    continue
+                for side, width in widths.items():
+                    if width is not None and self.facts.channel_count(node, side) == width:  # type: ignore[arg-type]
+                        kept.setdefault(
+                            (node, side),
+                            f"the {side}puts of {node.name} are kept: {self._names[module]} "
+                            f"({type(module).__name__}) never ran on the example inputs and may share "
+                            f"its {width}-channel {side}put (pass MultipleInputs covering that branch to "
+                            "prune it)",
+                        )
+        warnings.warn(
+            f"prune_callbacks: these layers never ran on the example inputs, so the graph cannot see "
+            f"their tensors and does not prune them: {', '.join(self.uncalled)}. Layers beside them "
+            "with as many input (output) channels keep their inputs (outputs); pass "
+            "MultipleInputs([...]) covering every branch to prune them.",
+            stacklevel=3,
+        )
+        return kept
 
     def _build_dependencies(self) -> None:
         """Each node's dependencies: both ways along every tensor, and between the two sides of a
@@ -226,9 +289,13 @@ class DependencyGraph:
             # One root id for all chosen channels: they are removed together, so only the
             # pruned/kept pattern matters.
             search = ClosureSearch(self.facts, self, node, side, self.ignored, dim)
-            return search.run(idxs, [0] * len(idxs))
+            group = search.run(idxs, [0] * len(idxs))
         except Barrier as b:
             raise ValueError(f"cannot prune {node.name}: {b}") from None
+        problem = self.size_problem(group)
+        if problem is not None:
+            raise ValueError(f"cannot prune {node.name}: {problem}")
+        return group
 
     def get_all_groups(
         self, ignored_layers: Iterable[Any] = (), root_module_types: Sequence[type] = DEFAULT_ROOT_TYPES
@@ -265,9 +332,27 @@ class DependencyGraph:
         """Prune ``group`` atomically (see :func:`.apply.apply_group`) and, with
         ``record_history``, append its :meth:`history_record` to ``pruning_history``.
         :meth:`Group.prune` comes here."""
-        apply_group(group, self.checker)
+        apply_group(group, self.checker, self.verifier)
         if record_history:
             self.pruning_history.append(self.history_record(group))
+
+    def size_problem(self, group: Group) -> str | None:
+        """Why pruning ``group`` would make a size computed from a tensor's shape wrong (see
+        :mod:`.provenance`), or None. Only a whole prune can be judged (a step's groups together
+        may keep such sizes consistent where each alone would not): the Pruner asks this of the
+        merged group of a step, and :meth:`get_pruning_group` of the group it returns."""
+        return derived_size_problem(group, self.size_readers)
+
+    def probe(self, group: Group) -> str | None:
+        """Why pruning ``group`` would break the model (a size computed from a shape, a check, a
+        pruning function or the verifying forward fails), or None; the model is left unchanged
+        either way. The shared config check is skipped: a probe may cover part of a step."""
+        problem = self.size_problem(group)
+        if problem is not None:
+            return problem
+        if self.verifier is None:
+            return self.checker.explain(group, check_shared=False)
+        return probe_group(group, self.checker, self.verifier)
 
     def history_record(self, group: Group) -> dict[str, Any]:
         """Plain-data description of a group prune (names, function names, indices)."""

@@ -210,7 +210,9 @@ class GroupEnumerator:
         return sig
 
     def _signature(self, node: Node) -> tuple:
-        sig: tuple = (node.type, node.pruning_dim, repeats.freeze(node.attrs))
+        # (size expressions name this block's own tensors; the step checks them, not the group)
+        attrs = {k: v for k, v in node.attrs.items() if k != "size_exprs"}
+        sig: tuple = (node.type, node.pruning_dim, repeats.freeze(attrs))
         if not node.is_module:
             return sig
         module = node.module
@@ -267,19 +269,24 @@ class GroupEnumerator:
     def head_split(self, node: Node, n: int) -> int | None:
         """Head size when the layer's output channels are reshaped into (heads, head size) on the
         way to an attention product (found by a short walk over the ops after the layer)."""
-        frontier = list(node.out_edges)
+        # (edge, whether a slice or split was passed): the split dimension must be the layer's
+        # channels, or a piece of them after a slice (a transposed token dimension is not)
+        frontier = [(e, False) for e in node.out_edges]
         seen: set[int] = set()
         for _ in range(8):
-            nxt = []
-            for e in frontier:
+            nxt: list[tuple[Edge, bool]] = []
+            for e, cut in frontier:
                 for dst, _pos in e.dsts:
                     if id(dst) in seen or not dst.type.is_virtual:
                         continue
                     seen.add(id(dst))
                     if dst.type == OpType.RESHAPE and head_split_shape(dst):
-                        return dst.attrs["out_shapes"][0][-1]
-                    if dst.type in _HEAD_WALK_TYPES or dst.attrs.get("op") == "Slice":
-                        nxt.extend(dst.out_edges)
+                        width = dst.attrs["in_shapes"][0][-1]
+                        if width == n or (cut and width < n):
+                            return dst.attrs["out_shapes"][0][-1]
+                    piece = dst.type == OpType.SPLIT or dst.attrs.get("op") == "Slice"
+                    if dst.type in _HEAD_WALK_TYPES or piece:
+                        nxt.extend((o, cut or piece) for o in dst.out_edges)
             frontier = nxt
         return None
 

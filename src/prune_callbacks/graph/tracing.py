@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,22 @@ from .ops import OpType, grad_fn2type, grad_fn_name, is_known_grad_fn, module2ty
 
 # Modules whose inputs after the first are not channel inputs (e.g. an LSTM's initial state).
 _FIRST_INPUT_ONLY = (nn.LSTM, nn.GRU, nn.RNNBase)
+
+
+class MultipleInputs(list):
+    """Several example inputs for one model (a list subclass, so that a plain list still means
+    positional arguments): the trace runs the model on each and merges what it sees, so that
+    branches taken only for some inputs are in the graph, and every prune is verified on all of
+    them. ``Pruner(model, MultipleInputs([x_pos, x_neg]))``."""
+
+
+def input_list(example_inputs: Any) -> list[Any]:
+    """The example inputs as a list of model inputs (one unless :class:`MultipleInputs`)."""
+    if isinstance(example_inputs, MultipleInputs):
+        if not example_inputs:
+            raise ValueError("MultipleInputs needs at least one example input")
+        return list(example_inputs)
+    return [example_inputs]
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -78,6 +96,11 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
+def edge_size(fn: Any, nr: int, dim: int) -> int:
+    """Size ``dim`` of output ``nr`` of autograd node ``fn``."""
+    return _shape(fn, nr)[dim]
+
+
 def _shape(fn: Any, nr: int) -> tuple[int, ...]:
     if hasattr(fn, "variable"):
         return tuple(fn.variable.shape)
@@ -121,6 +144,108 @@ _BN_OPS = {
 }
 
 
+#: A size expression: ``("src", tensor key, dim)`` (a size read from a tensor), ``("const",
+#: value)``, or ``(operator name, left, right)`` of :data:`_INT_OPS`.
+SizeExpr = tuple
+
+
+class SizeInt(int):
+    """An int read from a traced tensor's shape (``x.shape``, ``x.size(d)``, ``len(x)``) that
+    remembers how it was computed: Python arithmetic on it (``C // self.num_heads``) gives a
+    ``SizeInt`` again, so that an op called with it as a size argument can be checked against a
+    prune that changes the dimension it came from (:func:`evaluate_size`)."""
+
+    expr: SizeExpr
+
+    @staticmethod
+    def of(value: int, expr: SizeExpr) -> SizeInt:
+        """``value`` computed as ``expr``."""
+        out = SizeInt(value)
+        out.expr = expr
+        return out
+
+    def __neg__(self) -> SizeInt:
+        return SizeInt.of(-int(self), ("sub", ("const", 0), self.expr))
+
+
+def _size_expr(v: Any) -> SizeExpr:
+    return v.expr if isinstance(v, SizeInt) else ("const", int(v))
+
+
+_INT_OPS: dict[str, Callable[[int, int], int]] = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+}
+
+
+def _int_method(name: str, reflected: bool) -> Callable[[SizeInt, Any], Any]:
+    plain = getattr(int, f"__r{name}__" if reflected else f"__{name}__")
+
+    def method(self: SizeInt, other: Any) -> Any:
+        result = plain(self, other)
+        if not isinstance(other, int) or isinstance(other, bool) or not isinstance(result, int):
+            return result
+        pair = (_size_expr(other), self.expr) if reflected else (self.expr, _size_expr(other))
+        return SizeInt.of(result, (name, *pair))
+
+    return method
+
+
+for _name in _INT_OPS:
+    setattr(SizeInt, f"__{_name}__", _int_method(_name, False))
+    setattr(SizeInt, f"__r{_name}__", _int_method(_name, True))
+
+
+def evaluate_size(expr: SizeExpr, sizes: Callable[[Any, int], int | None]) -> int | None:
+    """The value of a size expression with ``sizes(source, dim)`` giving each read size (None
+    when the expression cannot be evaluated, e.g. a division by zero)."""
+    kind = expr[0]
+    if kind == "const":
+        return expr[1]
+    if kind == "src":
+        return sizes(expr[1], expr[2])
+    left, right = evaluate_size(expr[1], sizes), evaluate_size(expr[2], sizes)
+    if left is None or right is None or (kind in ("floordiv", "mod") and right == 0):
+        return None
+    return _INT_OPS[kind](left, right)
+
+
+def size_sources(expr: SizeExpr) -> list[tuple[Any, int]]:
+    """The ``(source, dim)`` reads a size expression depends on."""
+    if expr[0] == "src":
+        return [(expr[1], expr[2])]
+    if expr[0] == "const":
+        return []
+    return size_sources(expr[1]) + size_sources(expr[2])
+
+
+class TracedShape(tuple):
+    """``x.shape`` of a traced tensor: a tuple of :class:`SizeInt` with the ``torch.Size``
+    methods models use (``torch.Size`` itself cannot be subclassed). A model that needs a real
+    ``torch.Size`` makes the trace retry without size tracking."""
+
+    def __getitem__(self, k: Any) -> Any:  # type: ignore[override]
+        got = super().__getitem__(k)
+        return TracedShape(got) if isinstance(k, slice) else got
+
+    def numel(self) -> int:
+        return math.prod(self)
+
+    def __add__(self, other: Any) -> Any:  # type: ignore[override]
+        return TracedShape(tuple(self) + tuple(other)) if isinstance(other, tuple) else NotImplemented
+
+    def __radd__(self, other: Any) -> Any:
+        return TracedShape(tuple(other) + tuple(self)) if isinstance(other, tuple) else NotImplemented
+
+
+_SIZE_READS = frozenset(
+    (torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.__len__)  # type: ignore[attr-defined]
+)
+
+
 class _ArgShapes(TorchFunctionMode):
     """Remembers, for the autograd node each torch function creates, the shapes of all its tensor
     arguments (autograd does not record constants: tensors that need no grad) and the innermost
@@ -133,14 +258,41 @@ class _ArgShapes(TorchFunctionMode):
         self.shapes: dict[Any, list[tuple[int, ...]]] = {}
         self.owners: dict[Any, nn.Module | None] = {}
         self.calls: dict[Any, str] = {}
+        self.size_args: dict[Any, list[int | None]] = {}
+        self.size_exprs: dict[Any, list[tuple[int, SizeExpr]]] = {}
+        self.track_sizes = True
+
+    def read_size(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A shape read of a tensor in the graph, as :class:`SizeInt` values sourced from it."""
+        out = func(*args, **kwargs)
+        t = args[0]
+        if not isinstance(t, torch.Tensor) or not t.requires_grad:
+            return out
+        key = (t.grad_fn, t.output_nr) if t.grad_fn is not None else (_leaf_fn(t), 0)
+        if isinstance(out, torch.Size):
+            return TracedShape(SizeInt.of(v, ("src", key, d)) for d, v in enumerate(out))
+        if isinstance(out, int):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            return SizeInt.of(out, ("src", key, dim % max(t.dim(), 1)))
+        return out
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = None
+        if self.track_sizes and func in _SIZE_READS and args:
+            return self.read_size(func, args, kwargs or {})
+        if func in _DETACHING and args and isinstance(args[0], torch.Tensor):
+            # A tensor leaving autograd still carries the same channels: keep it in the graph
+            # (as an alias) so that its consumers stay coupled to its producer.
+            return args[0].view_as(args[0]) if args[0].requires_grad else func(*args, **(kwargs or {}))
         if func is _SDPA:
             with contextlib.suppress(TypeError):  # arguments this torch added: run it as called
                 out = _fused_attention(*args, **(kwargs or {}))
         if out is None:
-            out = func(*args, **(kwargs or {}))
+            if torch.is_grad_enabled() or _is_inplace(func) or not _needs_grad(args, kwargs):
+                out = func(*args, **(kwargs or {}))
+            else:  # under no_grad: record the op anyway, its result keeps the channels
+                with torch.enable_grad():
+                    out = func(*args, **(kwargs or {}))
         results = out if isinstance(out, (tuple, list)) else (out,)
         for r in results:
             fn = r.grad_fn if isinstance(r, torch.Tensor) else None
@@ -149,11 +301,47 @@ class _ArgShapes(TorchFunctionMode):
                 tensors += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]
                 self.shapes[fn] = [tuple(t.shape) for t in tensors]
                 self.owners[fn] = self.running[-1] if self.running else None
-                self.calls[fn] = getattr(func, "__name__", "")
+                name = self.calls[fn] = getattr(func, "__name__", "")
+                if name in _SIZED_CALLS:
+                    sizes = _int_arguments(args[1:])
+                    self.size_args[fn] = [None if a is None else int(a) for a in sizes]
+                    derived = [(k, a.expr) for k, a in enumerate(sizes) if isinstance(a, SizeInt)]
+                    if derived:
+                        self.size_exprs[fn] = derived
         return out
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+#: Calls whose size arguments are recorded (size attributes are matched against them).
+_SIZED_CALLS = frozenset(("view", "reshape", "expand", "broadcast_to", "unflatten"))
+
+
+def _int_arguments(args: tuple) -> list[int | None]:
+    """The size arguments of a ``view(*sizes)`` or ``view(sizes)`` call (ints, possibly
+    :class:`SizeInt`), None for anything that is not an int."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
+    return [a if isinstance(a, int) and not isinstance(a, bool) else None for a in args]
+#: Ways a tensor leaves autograd (the trace keeps the coupling through them).
+_DETACHING = frozenset((torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__))  # type: ignore[attr-defined]
+
+
+def _needs_grad(args: tuple, kwargs: dict | None) -> bool:
+    """Whether a tensor argument (also inside a list, as for ``cat``) requires grad."""
+    for a in (*args, *(kwargs or {}).values()):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in a):
+            return True
+    return False
+
+
+def _is_inplace(func: Any) -> bool:
+    """Whether a torch function writes into its first argument (``add_``, ``copy_``...): such
+    ops run in the grad mode the model chose (writing into a leaf that needs grad is an error
+    with grad on)."""
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or name in ("__setitem__", "__iadd__", "__imul__")
 
 
 def _fused_attention(
@@ -318,14 +506,17 @@ def _input_stand_in(t: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Trace:
-    """What the tracer found: the nodes, the module and parameter nodes by identity, and the
-    autograd op names it did not recognise."""
+    """What the tracer found: the nodes, the module and parameter nodes by identity, the
+    autograd op names it did not recognise, whether it ran on meta tensors, the shapes of the
+    output tensors per example input, and the layers with parameters that never ran."""
 
     nodes: list[Node]
     module_nodes: dict[nn.Module, Node]
     param_nodes: dict[nn.Parameter, Node]
     unknown_ops: set[str]
     on_meta: bool
+    output_shapes: list[list[tuple[int, ...]]]
+    uncalled: list[nn.Module]
 
 
 def leaf_modules(
@@ -362,12 +553,37 @@ def trace_model(
     unwrapped_parameters = dict(unwrapped_parameters or {})
     # The structure is all the graph needs: try the meta device first (no arithmetic, no activation
     # memory) and fall back to real values only for models whose control flow reads them.
+    # Size tracking hands the model int subclasses and a tuple for ``x.shape``: a model that
+    # insists on a real torch.Size is traced again without it.
     args = (model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves)
-    try:
-        return _trace(*args, meta=True)
-    except Exception:  # noqa: BLE001 - any failure on meta means the model needs real values
-        pass
-    return _trace(*args, meta=False)
+    error: Exception | None = None
+    for meta, track_sizes in ((True, True), (False, True), (True, False), (False, False)):
+        try:
+            return _trace(*args, meta=meta, track_sizes=track_sizes)
+        except Exception as e:  # noqa: BLE001 - the next way of tracing may work
+            error = e
+    assert error is not None
+    raise error
+
+
+def _stand_ins(model: nn.Module, meta: bool) -> dict[str, torch.Tensor]:
+    """Stand-ins for the model's parameters (requiring grad) and buffers: empty meta tensors, or
+    detached parameters and cloned buffers, so that running the model changes none of its state."""
+    if meta:
+        stand_in = {
+            n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in model.named_parameters()
+        }
+        stand_in.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
+    else:
+        stand_in = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+        stand_in.update({n: b.clone() for n, b in model.named_buffers()})
+    return stand_in
+
+
+def _input_stand_ins(example_inputs: Any, meta: bool) -> Any:
+    if meta:
+        return map_tensors(example_inputs, lambda t: _input_stand_in(torch.empty_like(t, device="meta")))
+    return map_tensors(example_inputs, lambda t: _input_stand_in(t.detach()))
 
 
 def _trace(
@@ -378,23 +594,24 @@ def _trace(
     unwrapped: dict[nn.Parameter, int | None],
     leaves: dict[nn.Module, tuple[str, LayerPruner]],
     meta: bool,
+    track_sizes: bool = True,
 ) -> Trace:
     """One trace: run the model on stand-ins of its parameters and inputs (meta tensors with
-    ``meta``) with :class:`_ForwardRecorder` hooks, then build the nodes from the autograd graph
-    of its outputs (:class:`_GraphBuilder`)."""
+    ``meta``) with :class:`_ForwardRecorder` hooks, once per example input, then build the nodes
+    from the autograd graph of all the outputs (:class:`_GraphBuilder`)."""
     params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    if meta:
-        stand_in = {n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in params.items()}
-        stand_in.update({n: torch.empty_like(b, device="meta") for n, b in buffers.items()})
-        inputs = map_tensors(example_inputs, lambda t: _input_stand_in(torch.empty_like(t, device="meta")))
-    else:
-        stand_in = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        stand_in.update({n: b.clone() for n, b in buffers.items()})
-        inputs = map_tensors(example_inputs, lambda t: _input_stand_in(t.detach()))
+    stand_in = _stand_ins(model, meta)
     recorder = _ForwardRecorder(model, leaves)
-    out = recorder.run(stand_in, inputs, forward_fn, output_transform, meta)
-    outputs = [t for t in flatten_tensors(out) if t.grad_fn is not None]
+    recorder.arg_shapes.track_sizes = track_sizes
+    outputs: list[torch.Tensor] = []
+    output_shapes: list[list[tuple[int, ...]]] = []
+    input_ids: set[int] = set()
+    for example in input_list(example_inputs):
+        inputs = _input_stand_ins(example, meta)
+        input_ids.update(id(t) for t in flatten_tensors(inputs) if t.requires_grad)
+        out = flatten_tensors(recorder.run(stand_in, inputs, forward_fn, output_transform, meta))
+        output_shapes.append([tuple(t.shape) for t in out])
+        outputs.extend(t for t in out if t.grad_fn is not None)
     if not outputs:
         raise RuntimeError(
             "the model's output has no tensor that depends on its parameters: "
@@ -403,13 +620,53 @@ def _trace(
     builder = _GraphBuilder(recorder, unwrapped)
     builder.original_param = {id(stand_in[n]): p for n, p in params.items()}
     builder.param_names = {p: n for n, p in params.items()}
-    builder.input_ids = {id(t) for t in flatten_tensors(inputs) if t.requires_grad}
+    builder.input_ids = input_ids
     builder.build(outputs)
     if not meta:
         # Real-valued autograd nodes hold activations: keep only their names.
         for node in builder.nodes:
             node.grad_fn = type(node.grad_fn).__name__
-    return Trace(builder.nodes, builder.module_nodes, builder.param_nodes, builder.unknown, meta)
+    called = set(recorder.called)
+    return Trace(
+        builder.nodes,
+        builder.module_nodes,
+        builder.param_nodes,
+        builder.unknown,
+        meta,
+        output_shapes,
+        [m for m in leaves if m not in called and _has_parameters(m)],
+    )
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def output_shapes(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
+    meta: bool = True,
+) -> list[list[tuple[int, ...]]]:
+    """The shapes of the model's output tensors on each example input, computed without touching
+    the model's state: on meta stand-ins (no arithmetic, no activation memory) with ``meta``, else
+    on copies of its tensors without autograd. Raises whatever the model raises."""
+    stand_in = _stand_ins(model, meta)
+    runs = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for example in input_list(example_inputs):
+            inputs = map_tensors(
+                example, (lambda t: torch.empty_like(t, device="meta")) if meta else (lambda t: t.detach())
+            )
+            runner = _Runner(model, forward_fn or call_model, inputs)
+            with _ShapeOnlyMode() if meta else contextlib.nullcontext():
+                params = {f"model.{k}": v for k, v in stand_in.items()}
+                out = functional_call(runner, params, (), strict=False)
+                if output_transform is not None:
+                    out = output_transform(out)
+            runs.append([tuple(t.shape) for t in flatten_tensors(out)])
+    return runs
 
 
 class _ForwardRecorder:
@@ -420,8 +677,9 @@ class _ForwardRecorder:
     Fields: ``model``, ``leaves`` (leaf module -> (name, pruner)), ``module_names`` (every
     module's name), ``running`` (modules whose forward is executing, innermost last),
     ``arg_shapes``, ``quiet`` (the torch-function switches turned off inside running leaves),
-    ``out_fn_module`` (autograd node of a leaf's output -> the leaf) and ``module_inputs``
-    (leaf -> the (autograd node, output number) of each input, None for a constant).
+    ``out_fn_module`` (autograd node of a leaf's output -> the leaf), ``module_inputs``
+    (leaf -> the (autograd node, output number) of each input, None for a constant) and
+    ``called`` (the leaves that ran).
     """
 
     __slots__ = (
@@ -433,6 +691,7 @@ class _ForwardRecorder:
         "quiet",
         "out_fn_module",
         "module_inputs",
+        "called",
     )
 
     def __init__(self, model: nn.Module, leaves: dict[nn.Module, tuple[str, LayerPruner]]) -> None:
@@ -446,6 +705,7 @@ class _ForwardRecorder:
         self.quiet: list[Any] = []
         self.out_fn_module: dict[Any, nn.Module] = {}
         self.module_inputs: dict[nn.Module, list[tuple[Any, int] | None]] = {}
+        self.called: set[nn.Module] = set()
 
     def run(
         self,
@@ -478,6 +738,7 @@ class _ForwardRecorder:
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.running.append(module)
         if module in self.leaves:
+            self.called.add(module)
             tensors = flatten_tensors((args, kwargs))
             if isinstance(module, _FIRST_INPUT_ONLY):
                 tensors = tensors[:1]
@@ -490,9 +751,11 @@ class _ForwardRecorder:
                     if t.requires_grad
                     else None
                 )
-            off = torch._C.DisableTorchFunction()
-            off.__enter__()
-            self.quiet.append(off)
+            quiet = contextlib.ExitStack()
+            quiet.enter_context(torch._C.DisableTorchFunction())
+            if not torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                quiet.enter_context(torch.enable_grad())  # a layer run under no_grad stays coupled
+            self.quiet.append(quiet)
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.running.pop()
@@ -558,6 +821,7 @@ class _GraphBuilder:
         pending = self.pending
         while pending:
             self.link_inputs(pending.pop())
+        self.link_size_expressions()
         for node in self.nodes:
             for e in node.out_edges:
                 for dst, _ in e.dsts:
@@ -661,12 +925,34 @@ class _GraphBuilder:
         """The op's call name and the shapes of its constant operands (tensors without grad)."""
         arg_shapes = self.recorder.arg_shapes
         node.attrs["call"] = arg_shapes.calls.get(node.grad_fn, "")
+        if node.grad_fn in arg_shapes.size_args:
+            node.attrs["size_args"] = arg_shapes.size_args[node.grad_fn]
         args = arg_shapes.shapes.get(node.grad_fn)
         if args is not None and len(args) == len(node.in_edges):
             node.attrs["const_shapes"] = [a if e is None else None for a, e in zip(args, node.in_edges)]
         elif args is not None and node.type == OpType.ATTENTION and len(args) > 3 == len(node.in_edges):
             # the fused op does not record a constant mask as an input: keep its shape
             node.attrs["const_shapes"] = [None, None, None, args[3]]
+
+    def link_size_expressions(self) -> None:
+        """Give every op called with sizes computed from shapes (:class:`SizeInt`) those
+        expressions, with the tensors read as edges (a tensor outside the graph: a constant).
+        Done once every edge exists."""
+        exprs = self.recorder.arg_shapes.size_exprs
+        for node in self.nodes:
+            found = exprs.get(node.grad_fn) if node.type.is_virtual else None
+            if found:
+                node.attrs["size_exprs"] = [(k, self.edge_expr(e)) for k, e in found]
+
+    def edge_expr(self, expr: SizeExpr) -> SizeExpr:
+        """``expr`` with its sources turned into the edges of the tensors read."""
+        if expr[0] == "src":
+            (fn, nr), dim = expr[1], expr[2]
+            edge = self.edges.get((id(fn), nr))
+            return ("src", edge, dim) if edge is not None else ("const", edge_size(fn, nr, dim))
+        if expr[0] == "const":
+            return expr
+        return (expr[0], self.edge_expr(expr[1]), self.edge_expr(expr[2]))
 
 
 class _Runner(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +21,7 @@ from .base import (
     register_pruner,
     select_parameter,
     type_name,
+    update_parameter,
     vector_view,
 )
 
@@ -36,8 +39,11 @@ class MultiheadAttentionPruner(CoupledPruner[nn.MultiheadAttention]):
     Channel ``j`` of the embed dim is row ``j`` of the q, k and v projections, column ``j`` of the
     query projection (and of the key/value projections when they share the embed dim), entry ``j``
     of ``bias_k``/``bias_v``, and row and column ``j`` of ``out_proj``. ``num_heads`` is kept, so
-    the new embed dim must be divisible by it. With separate ``kdim``/``vdim`` the key and value
-    inputs are other tensors and keep their sizes.
+    the new embed dim must be divisible by it; the graph removes as many channels from every head
+    (so heads stay heads: the kept channels of a head are chunked into the same head again) and
+    the query projection is rescaled so that the attention scale ``1/sqrt(head_dim)`` of the
+    smaller heads gives the scores of the dense layer with the removed channels zeroed. With separate
+    ``kdim``/``vdim`` the key and value inputs are other tensors and keep their sizes.
     """
 
     def channels(self, module: nn.MultiheadAttention) -> int | None:
@@ -58,15 +64,19 @@ class MultiheadAttentionPruner(CoupledPruner[nn.MultiheadAttention]):
             )
         keep = keep_indices(embed, removed)
         keep3 = torch.cat([keep + b * embed for b in range(3)])
+        # attention divides the scores by sqrt(head_dim): scale the queries so that the smaller
+        # heads give the scores of the dense layer with the removed channels zeroed
+        factor = math.sqrt((new // module.num_heads) / module.head_dim)
         if module._qkv_same_embed_dim:
-            select_parameter(module.in_proj_weight, 0, keep3)
+            _select_rows_scaled(module.in_proj_weight, keep3, len(keep), factor)
             select_parameter(module.in_proj_weight, 1, keep)
         else:
-            select_parameter(module.q_proj_weight, 0, keep)
+            _select_rows_scaled(module.q_proj_weight, keep, len(keep), factor)
             select_parameter(module.q_proj_weight, 1, keep)
             select_parameter(module.k_proj_weight, 0, keep)
             select_parameter(module.v_proj_weight, 0, keep)
-        select_parameter(module.in_proj_bias, 0, keep3)
+        if module.in_proj_bias is not None:
+            _select_rows_scaled(module.in_proj_bias, keep3, len(keep), factor)
         select_parameter(module.bias_k, 2, keep)
         select_parameter(module.bias_v, 2, keep)
         out_proj = module.out_proj
@@ -103,6 +113,19 @@ class MultiheadAttentionPruner(CoupledPruner[nn.MultiheadAttention]):
         if module.out_proj.bias is not None:
             views.append(("out_proj.bias", vector_view))
         return views
+
+
+def _select_rows_scaled(param: torch.Tensor, keep: torch.Tensor, n_scaled: int, factor: float) -> None:
+    """Keep rows ``keep`` of ``param`` and multiply the first ``n_scaled`` kept rows (the query
+    block) by ``factor``, as one update (new tensors; gradients and optimizer state follow)."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        rows = t.index_select(0, keep.to(t.device))
+        if factor == 1.0:
+            return rows
+        return torch.cat([rows[:n_scaled] * factor, rows[n_scaled:]])
+
+    update_parameter(param, fn, 0)
 
 
 MHA_PRUNER = MultiheadAttentionPruner()

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..graph.tracing import call_model
+from ..graph.tracing import call_model, input_list
 
 __all__ = [
     "call_model",
@@ -71,8 +71,9 @@ def count_macs_and_params(
     forced onto its math backend while counting, so its matrix products are counted on every device
     (the fused CPU kernel has no FLOP formula). ``forward_fn(model, example_inputs)`` replaces the
     default :func:`call_model` dispatch. Works on the meta device, which makes counting large models
-    cheap.
+    cheap. Of :class:`~prune_callbacks.graph.tracing.MultipleInputs`, the first is counted.
     """
+    example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
     counter = FlopCounterMode(display=False)
     with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
@@ -86,6 +87,7 @@ def count_module_macs(
     """MACs of one forward pass, in total and per submodule (``{name in named_modules(): MACs}``,
     the root as ``""``; a module's MACs include those of its submodules; modules without MACs are
     left out). Counted as :func:`count_macs_and_params` counts."""
+    example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
     counter = FlopCounterMode(display=False)
     with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
@@ -114,8 +116,9 @@ def measure_latency(
     clock and makes two untimed calls before each timed one (those before the first timed call
     count towards ``warmup``). The model runs where it lives (meant for CPU), with torch's current
     number of threads. The median is robust to the occasional scheduler hiccup that would skew a
-    mean.
+    mean. Of :class:`~prune_callbacks.graph.tracing.MultipleInputs`, the first is timed.
     """
+    example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..graph.dependency import snapshot
+from ..graph.verify import ForwardCheck
 from ..layers import (
     LayerPruner,
     ParameterPruningFunction,
@@ -132,6 +133,7 @@ def apply_pruning_history(
     model: nn.Module,
     history: Sequence[Mapping[str, Any]],
     customized_pruners: Mapping[type, LayerPruner] | None = None,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Replay ``history`` on ``model`` (freshly constructed, unpruned) and return it.
 
@@ -140,8 +142,11 @@ def apply_pruning_history(
     parameters are pruned along their recorded ``dim``; recorded attribute changes (split sizes)
     are set. Parameter values are whatever the model has; load the pruned ``state_dict`` after.
     The records are appended to the model's own history. On failure the model is restored and a
-    ``ValueError`` names the record and layer.
+    ``ValueError`` names the record and layer. With ``example_inputs`` the replay is verified:
+    the model must still run on them with outputs of the same shapes as before (on meta tensors
+    where it can), else it is restored and a ``ValueError`` says what failed.
     """
+    check = ForwardCheck.of_dense(model, example_inputs) if example_inputs is not None else None
     table = _function_table(customized_pruners)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -175,7 +180,10 @@ def apply_pruning_history(
                 if isinstance(getattr(module, attr["attr"], None), tuple) and isinstance(new, list):
                     new = tuple(new)
                 setattr(module, attr["attr"], new)
-    except Exception:
+        problem = check.problem() if check is not None else None
+        if problem is not None:
+            raise ValueError(f"the replayed pruning history breaks the model: {problem}")
+    except BaseException:
         for restore in restores:
             restore()
         raise
@@ -210,6 +218,7 @@ def load_pruned(
     strict: bool = True,
     customized_pruners: Mapping[type, LayerPruner] | None = None,
     map_location: Any = "cpu",
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Load a file written by :func:`save_pruned` into a freshly constructed ``model``.
 
@@ -217,7 +226,8 @@ def load_pruned(
     passed instead); the pruning history is replayed on ``model``, then the state dict is loaded
     (``strict`` by default). A Lightning checkpoint of a pruned ``LightningModule`` (history under
     ``"prune_callbacks_history"``) loads into a fresh instance of that module the same way.
-    Returns ``model``.
+    With ``example_inputs`` the replayed model is verified on them before the weights are loaded
+    (see :func:`apply_pruning_history`). Returns ``model``.
     """
     if isinstance(path_or_dict, Mapping):
         data = path_or_dict
@@ -234,6 +244,6 @@ def load_pruned(
     fmt = data.get("format", PRUNED_FORMAT)
     if fmt != PRUNED_FORMAT:
         raise ValueError(f"unsupported pruned-model format {fmt!r} (expected {PRUNED_FORMAT!r})")
-    apply_pruning_history(model, history, customized_pruners)
+    apply_pruning_history(model, history, customized_pruners, example_inputs)
     model.load_state_dict(data["state_dict"], strict=strict)
     return model

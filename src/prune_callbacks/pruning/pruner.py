@@ -180,6 +180,8 @@ class Pruner:
         self.last_macs: int | None = None
         self._timer = PhaseTimer()
         self._groups: list[Group] | None = None
+        #: Groups whose prune failed verification, by root: never planned again (see :meth:`groups`).
+        self.refused: dict[Any, str] = {}
         self._indexes = GroupIndexCache()  # flat indexes of the current groups
         with gc_paused():
             self._build(model, example_inputs, forward_fn, output_transform, unwrapped, customized_pruners)
@@ -280,12 +282,14 @@ class Pruner:
 
     @property
     def groups(self) -> list[Group]:
-        """The current full-index groups (rebuilt lazily after each prune)."""
+        """The current full-index groups (rebuilt lazily after each prune), without the groups
+        whose prune failed verification (:attr:`refused`)."""
         if self._groups is None:
             with self._timer("groups"):
-                self._groups = self.DG.get_all_groups(
+                groups = self.DG.get_all_groups(
                     ignored_layers=self.ignored_layers, root_module_types=self.root_module_types
                 )
+                self._groups = [g for g in groups if group_key(g) not in self.refused]
         return self._groups
 
     def estimate_importance(self, group: Group) -> Tensor | None:
@@ -451,7 +455,8 @@ class Pruner:
         if not plan:
             return
         with self._timer("pruning"):
-            self.subsets.prune(plan)
+            for group, reason in self.subsets.prune(plan):
+                self.refused[group_key(group)] = reason
 
     def _interactive(self, plan: Plan) -> Iterator[Group]:
         for sub in self.subsets.graph_groups(plan):

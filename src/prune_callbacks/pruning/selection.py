@@ -327,8 +327,9 @@ class ChannelSelector:
 
     @staticmethod
     def constraints(group: Group, n: int) -> tuple[list[Any] | None, list[int]]:
-        """Partition labels of the root channels (grouped convolutions, equal chunks: every part
-        must lose as many channels) and divisors of the kept count (GroupNorm, attention)."""
+        """Partition labels of the root channels (grouped convolutions, attention heads, equal
+        chunks: every part must lose as many channels) and divisors of the kept count
+        (GroupNorm)."""
         labels: list[tuple] | None = None
         divisors: set[int] = set()
         gi = group_index(group)
@@ -356,8 +357,14 @@ class ChannelSelector:
                     add(label_of)
             elif isinstance(module, nn.GroupNorm):
                 divisors.add(module.num_groups)
-            elif isinstance(module, nn.MultiheadAttention):
-                divisors.add(module.num_heads)
+            elif isinstance(module, nn.MultiheadAttention) and module.num_heads > 1:
+                # every head loses as many channels (heads are chunks of the embed channels)
+                head_dim = module.embed_dim // module.num_heads
+                label_of = {}
+                for c, rp in zip(item.idxs, gi.pos[start : start + length].tolist()):
+                    if rp >= 0:
+                        label_of.setdefault(rp, (k, c // head_dim))
+                add(label_of)
             start += length
         for module, attr, old, _new in group.attribute_updates:
             if attr == "<chunks>" and len(old) > 1 and n % len(old) == 0:

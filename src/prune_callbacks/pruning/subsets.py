@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..graph import index_mapping as im
-from ..graph.dependency import Group, GroupItem, PruningError
+from ..graph.apply import describe
+from ..graph.dependency import Group, GroupItem, PruningError, VerificationError
 from ..graph.dependency_graph import DependencyGraph
 from ..graph.index_mapping import RootMap
 from .importance import group_index
@@ -45,6 +46,14 @@ class Unprunable:
 
     def __iter__(self) -> Iterator:
         return iter(())
+
+
+def _warn_refused(group: Group, reason: str) -> None:
+    warnings.warn(
+        f"prune_callbacks: refusing {describe(group)}: after pruning it, {reason}. It stays "
+        "unpruned in this and later steps.",
+        stacklevel=6,  # the caller of Pruner.step()
+    )
 
 
 def root_channels(group: Group, positions: list[int]) -> list[int]:
@@ -209,15 +218,35 @@ class SubsetGroups:
                 result[edge] = merged_map
         return result
 
-    def prune(self, plan: Plan) -> None:
-        """Remove the channels of ``plan``: in one merged prune when fast (falling back to group
-        by group if the merged group is refused; nothing is changed then), else group by group.
-        A group the graph refuses is skipped with a warning."""
+    def prune(self, plan: Plan) -> list[tuple[Group, str]]:
+        """Remove the channels of ``plan``: in one merged prune when fast, else group by group.
+
+        Every prune is verified by the graph (the model must still run on its example inputs).
+        When the merged prune fails verification, the culprit groups are isolated by bisection
+        (:meth:`isolate`) and the rest is pruned; when it is refused or a pruning function fails,
+        the groups are pruned one at a time (nothing was changed). A group that cannot be pruned
+        is skipped with a warning. Returns the skipped full groups with the reason."""
+        refused: list[tuple[Group, str]] = []
         if self.fast:
-            merged = self.merged(plan)
             try:
+                merged = self.merged(plan)
+                problem = self.graph.size_problem(merged)
+                if problem is not None:  # found before cutting: isolate the groups by probes
+                    raise VerificationError(problem, problem)
                 merged.prune()
-                return
+                return refused
+            except VerificationError:
+                refused = self.isolate(plan)
+                bad = {id(g) for g, _ in refused}
+                plan = [(g, p) for g, p in plan if id(g) not in bad]
+                for g, reason in refused:
+                    _warn_refused(g, reason)
+                try:
+                    if plan:
+                        self.merged(plan).prune()
+                    return refused
+                except (ValueError, PruningError):
+                    pass  # nothing was changed: one group at a time
             except (ValueError, PruningError):
                 pass  # nothing was changed: fall back to one group at a time
         for group, positions in plan:
@@ -227,8 +256,42 @@ class SubsetGroups:
                     root.target.module, root.handler, root_channels(group, positions)
                 )
                 sub.prune()
+            except VerificationError as e:
+                _warn_refused(group, e.problem)
+                refused.append((group, e.problem))
             except (ValueError, PruningError) as e:
                 warnings.warn(f"prune_callbacks: skipping the group of {root.target.name}: {e}", stacklevel=4)
+        return refused
+
+    def isolate(self, plan: Plan) -> list[tuple[Group, str]]:
+        """The entries of ``plan`` whose prune breaks the model, with what the verifying forward
+        said: bisection over the plan (a half whose merged prune runs holds no culprit), then, for
+        failures that only show in combination, one entry at a time. The model is unchanged."""
+        found: list[tuple[Group, str]] = []
+
+        def search(entries: Plan) -> None:
+            problem = self.graph.probe(self.merged(entries))
+            if problem is None:
+                return
+            if len(entries) == 1:
+                found.append((entries[0][0], problem))
+                return
+            mid = len(entries) // 2
+            search(entries[:mid])
+            search(entries[mid:])
+
+        search(plan)
+        bad = {id(g) for g, _ in found}
+        rest = [e for e in plan if id(e[0]) not in bad]
+        if rest and self.graph.probe(self.merged(rest)) is not None:
+            accepted: Plan = []
+            for entry in rest:  # only together do they fail: keep what runs, in plan order
+                problem = self.graph.probe(self.merged([*accepted, entry]))
+                if problem is None:
+                    accepted.append(entry)
+                else:
+                    found.append((entry[0], problem))
+        return found
 
     def graph_groups(self, plan: Plan) -> Iterator[Group]:
         """The pruning group of every entry of ``plan``, searched in the graph as it is when the

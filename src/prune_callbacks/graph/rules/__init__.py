@@ -28,7 +28,7 @@ from .layout import (
     hit_regions,
     permutation,
 )
-from .pointwise import ElementwiseRule, ExpandRule, InputRule, ReduceRule, RepeatRule
+from .pointwise import ElementwiseRule, ExpandRule, InputRule, ReduceRule, RepeatRule, SoftmaxRule
 from .products import KEPT_T, MATMUL_ROLES, AttentionRule, MatmulRule, Roles
 from .slicing import GatherRule, IndexRule, SelectRule, SliceRule, slice_partition
 
@@ -50,6 +50,7 @@ __all__ = [
     "Placed",
     "ReduceRule",
     "RepeatRule",
+    "SoftmaxRule",
     "ReshapeRule",
     "Roles",
     "SelectRule",
@@ -94,6 +95,7 @@ _OWN_RULES: dict[str, OpRule] = {
     "Narrow": SliceRule(partition_backward=False),
     "Select": SelectRule(),
     "Gather": GatherRule(),
+    **dict.fromkeys(("Softmax", "LogSoftmax", "SafeSoftmax"), SoftmaxRule()),
     **{name: MatmulRule(roles) for name, roles in MATMUL_ROLES.items()},
 }
 

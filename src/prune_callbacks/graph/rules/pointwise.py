@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .. import index_mapping as im
 from ..index_mapping import Barrier, RootMap
-from ..node import Node
+from ..node import Edge, Node
 from .base import OpRule, Placed, norm_dim
 
 
@@ -71,6 +71,32 @@ class ElementwiseRule(OpRule):
         return sum(e is not None for e in node.in_edges) == 1
 
 
+class SoftmaxRule(ElementwiseRule):
+    """``softmax`` / ``log_softmax``: elementwise, except over its own dimension, where every
+    channel counts in the denominator (a zeroed channel adds ``exp(0)``): a map that is not
+    constant along that dimension is refused."""
+
+    __slots__ = ()
+
+    def forward(self, node: Node, pos: int, m: RootMap) -> list[Placed]:
+        self.check(node, m)
+        return super().forward(node, pos, m)
+
+    def backward(self, node: Node, nr: int, m: RootMap) -> list[Placed]:
+        self.check(node, m)
+        return super().backward(node, nr, m)
+
+    @staticmethod
+    def check(node: Node, m: RootMap) -> None:
+        dim = node.attrs.get("dim")
+        if isinstance(dim, int) and m.ndim and not im.constant_along(m, norm_dim(dim, m.ndim)):
+            where = f" in {node.owner_name}" if node.owner_name else ""
+            raise Barrier(
+                f"{node.attrs['op'].lower()} over dim {dim}{where} normalises over the pruned channels: "
+                "the pruned model would not compute what the dense one does with those channels zeroed"
+            )
+
+
 class ExpandRule(ElementwiseRule):
     """``expand`` / ``repeat_interleave``: forward like an elementwise op; backward, copies made
     along an expanded dimension must all be pruned alike."""
@@ -134,9 +160,67 @@ def reduced_dims(node: Node, ndim: int) -> list[int]:
     return sorted(norm_dim(d, ndim) for d in dims)
 
 
+#: Reductions whose result changes when channels that are zero are removed (a mean divides by
+#: the count, a max or min compares with the zeros, a product multiplies by them): pruning over
+#: their reduced dimension would not compute what the masked model computes.
+COUNT_DEPENDENT = frozenset(
+    ("Mean", "Var", "Std", "VarMean", "StdMean", "Logsumexp", "Prod", "Amax", "Amin", "Max", "Min", "Median")
+)
+#: Ops a normalisation statistic passes through between the tensor and the reduction, or between
+#: the reduction and where it rescales the tensor (``x.float().pow(2)``, ``+ eps``, ``rsqrt``).
+_STAT_PATH = frozenset(
+    (
+        *("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Rsqrt", "Reciprocal"),
+        *("ToCopy", "Clone", "Abs", "Neg", "Clamp", "ClampMin"),
+    )
+)
+_INVERTING = frozenset(("Rsqrt", "Reciprocal", "Pow"))
+#: Ops above this many steps from the reduction are not looked at.
+_STAT_DEPTH = 6
+
+
+def _origins(edge: Edge | None) -> set[int]:
+    """Ids of ``edge`` and the tensors it was computed from through :data:`_STAT_PATH` ops
+    (first operand), up to :data:`_STAT_DEPTH` steps back."""
+    found: set[int] = set()
+    while edge is not None and len(found) < _STAT_DEPTH:
+        found.add(id(edge))
+        src = edge.src
+        if not src.type.is_virtual or src.attrs.get("op") not in _STAT_PATH:
+            break
+        edge = next((e for e in src.in_edges if e is not None), None)
+    return found
+
+
+def renormalises(node: Node) -> bool:
+    """Whether the reduction ``node`` is the statistic of a normalisation written in code: its
+    (keepdim) result, through ``+ eps`` / ``sqrt`` / ``rsqrt``..., divides or subtracts from the
+    tensor it was computed from, or multiplies it once inverted (``x * rsqrt(mean(x**2) + eps)``,
+    ``(x - mean) / std``). Such a layer is pruned like a LayerNorm module: its statistics are
+    then taken over the kept channels."""
+    if not node.attrs.get("keepdim") or not node.in_edges or node.in_edges[0] is None:
+        return False
+    base = _origins(node.in_edges[0])
+    frontier = [(e, 0, False) for e in node.out_edges]
+    while frontier:
+        edge, depth, inverted = frontier.pop()
+        for dst, pos in edge.dsts:
+            op = dst.attrs.get("op") if dst.type.is_virtual else None
+            if op in ("Mul", "Div", "Sub") and (op != "Mul" or inverted) and (op != "Div" or pos == 1):
+                others = [e for i, e in enumerate(dst.in_edges) if i != pos and e is not None]
+                if any(base & _origins(e) for e in others):
+                    return True
+            if op in _STAT_PATH and depth < _STAT_DEPTH:
+                frontier.extend((e, depth + 1, inverted or op in _INVERTING) for e in dst.out_edges)
+    return False
+
+
 class ReduceRule(OpRule):
     """``mean``, ``sum``, ``amax``...: a map crosses only when it is constant along the reduced
-    dimensions (a whole channel is reduced away together); otherwise nothing goes through."""
+    dimensions (a whole channel is reduced away together). Otherwise a sum (or a norm) simply
+    ends the coupling (zeros add nothing), but a reduction whose result depends on how many
+    channels there are (:data:`COUNT_DEPENDENT`) refuses the channels, unless it is the
+    statistic of a normalisation (:func:`renormalises`)."""
 
     __slots__ = ()
 
@@ -145,6 +229,13 @@ class ReduceRule(OpRule):
         outs = a["out_shapes"]
         dims = reduced_dims(node, len(a["in_shapes"][pos]))
         if not all(im.constant_along(m, d) for d in dims):
+            if a.get("op") in COUNT_DEPENDENT and not renormalises(node):
+                where = f" in {node.owner_name}" if node.owner_name else ""
+                raise Barrier(
+                    f"{a['op'].lower()} over dims {dims}{where} reduces over the pruned channels: its "
+                    "result depends on the channel count, so the pruned model would not compute what "
+                    "the dense one does with those channels zeroed"
+                )
             return []
         m = im.collapse(m, dims, "reduction")
         if not a.get("keepdim", False):

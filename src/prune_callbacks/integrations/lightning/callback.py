@@ -322,7 +322,9 @@ class StructuredPruning(Callback):
         again at fit start when the structure changed.
         """
         history = history_from_checkpoint(checkpoint, self.state_key)
-        replay_history(pl_module, history, self.pruner_kwargs.get("customized_pruners"))
+        replay_history(
+            pl_module, history, self.pruner_kwargs.get("customized_pruners"), self.example_inputs
+        )
         if len(get_pruning_history(pl_module)) != self._seen_history:
             self.pruner = None
 

@@ -124,9 +124,13 @@ def adopt_callback_state(checkpoint: dict[str, Any], callback_class: type, state
 
 
 def replay_history(
-    module: nn.Module, history: Sequence[Mapping[str, Any]] | None, customized_pruners: Any = None
+    module: nn.Module,
+    history: Sequence[Mapping[str, Any]] | None,
+    customized_pruners: Any = None,
+    example_inputs: Any = None,
 ) -> bool:
     """Give ``module`` the structure recorded in ``history``; True when records were applied.
+    With ``example_inputs`` the replay is verified on them (see ``apply_pruning_history``).
 
     ``module`` may already be pruned along a prefix of the history (a resume in the same process,
     or another callback replayed it first): only the records after that prefix are applied. A
@@ -144,7 +148,7 @@ def replay_history(
         )
     if n >= len(history):
         return False
-    apply_pruning_history(module, list(history[n:]), customized_pruners)
+    apply_pruning_history(module, list(history[n:]), customized_pruners, example_inputs)
     return True
 
 
