@@ -322,6 +322,8 @@ def _int_arguments(args: tuple) -> list[int | None]:
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
         args = tuple(args[0])
     return [a if isinstance(a, int) and not isinstance(a, bool) else None for a in args]
+
+
 #: Ways a tensor leaves autograd (the trace keeps the coupling through them).
 _DETACHING = frozenset((torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__))  # type: ignore[attr-defined]
 
@@ -341,7 +343,7 @@ def _is_inplace(func: Any) -> bool:
     ops run in the grad mode the model chose (writing into a leaf that needs grad is an error
     with grad on)."""
     name = getattr(func, "__name__", "")
-    return name.endswith("_") and not name.endswith("__") or name in ("__setitem__", "__iadd__", "__imul__")
+    return (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__", "__imul__")
 
 
 def _fused_attention(
@@ -379,6 +381,19 @@ def _fused_attention(
         )[0]
     except RuntimeError:  # a case the fused kernel does not take (mask dtype, layout...)
         return None
+
+
+class _FusedAttentionMode(TorchFunctionMode):
+    """Runs scaled-dot-product attention as one fused op (see :func:`_fused_attention`): on meta
+    tensors torch would otherwise run a dozen Python reference ops for it."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is _SDPA:
+            with contextlib.suppress(TypeError):
+                out = _fused_attention(*args, **(kwargs or {}))
+                if out is not None:
+                    return out
+        return func(*args, **(kwargs or {}))
 
 
 class _ShapeOnlyMode(TorchDispatchMode):
@@ -660,7 +675,10 @@ def output_shapes(
                 example, (lambda t: torch.empty_like(t, device="meta")) if meta else (lambda t: t.detach())
             )
             runner = _Runner(model, forward_fn or call_model, inputs)
-            with _ShapeOnlyMode() if meta else contextlib.nullcontext():
+            modes = (_FusedAttentionMode(), _ShapeOnlyMode()) if meta else ()
+            with contextlib.ExitStack() as stack:
+                for mode in modes:
+                    stack.enter_context(mode)
                 params = {f"model.{k}": v for k, v in stand_in.items()}
                 out = functional_call(runner, params, (), strict=False)
                 if output_transform is not None:
@@ -751,11 +769,15 @@ class _ForwardRecorder:
                     if t.requires_grad
                     else None
                 )
-            quiet = contextlib.ExitStack()
-            quiet.enter_context(torch._C.DisableTorchFunction())
+            quiet: Any = torch._C.DisableTorchFunction()
             if not torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-                quiet.enter_context(torch.enable_grad())  # a layer run under no_grad stays coupled
-            self.quiet.append(quiet)
+                stack = contextlib.ExitStack()  # a layer run under no_grad stays coupled
+                stack.enter_context(quiet)
+                stack.enter_context(torch.enable_grad())
+                self.quiet.append(stack)
+            else:
+                quiet.__enter__()
+                self.quiet.append(quiet)
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.running.pop()
