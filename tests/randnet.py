@@ -177,6 +177,10 @@ class RandNet(nn.Module):
         return feats[-1]
 
 
+#: The ops of the plain random CNN (see :meth:`_Builder.plain`).
+PLAIN_OPS = ("conv", "residual", "concat", "split", "split_cat", "cat_cat")
+
+
 class _Builder:
     """The state of one :func:`random_cnn` draw: channels per feature map, layers, program."""
 
@@ -232,6 +236,19 @@ class _Builder:
         self.layers[name] = nn.Sequential(*seq)
         self.program.append(("layer", src, name))
         return self.feature(mod.out_channels)
+
+    def plain(self, cur: int, op: str) -> int:
+        """Apply one of :data:`PLAIN_OPS` to feature ``cur``; the new feature (``cur`` when a split
+        has too few channels)."""
+        if op == "conv":
+            return self.conv(cur)
+        if op == "residual":
+            return self.residual(cur)
+        if op in ("concat", "cat_cat"):
+            return self.concat(cur, twice=op == "cat_cat")
+        if op in ("split", "split_cat") and self.chans[cur] >= 4:
+            return self.split(cur, then_cat=op == "split_cat")
+        return cur
 
     def residual(self, cur: int) -> int:
         branch = self.conv(cur, out=self.chans[cur])
@@ -339,26 +356,8 @@ def random_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     b = _Builder(draw, in_ch)
     cur = b.conv(0)
     for _ in range(draw(st.integers(1, 5))):
-        op = draw(st.sampled_from(["conv", "residual", "concat", "split", "split_cat", "cat_cat"]))
-        if op == "conv":
-            cur = b.conv(cur)
-        elif op == "residual":
-            cur = b.residual(cur)
-        elif op in ("concat", "cat_cat"):
-            cur = b.concat(cur, twice=op == "cat_cat")
-        elif op in ("split", "split_cat") and b.chans[cur] >= 4:
-            cur = b.split(cur, then_cat=op == "split_cat")
-    head_name = b.new_name()
-    hidden = draw(st.integers(3, 10))
-    b.layers[head_name] = nn.Sequential(nn.Flatten(), nn.Linear(b.chans[cur] * hw * hw, hidden), nn.ReLU())
-    b.program.append(("layer", cur, head_name))
-    out_name = b.new_name()
-    b.layers[out_name] = nn.Linear(hidden, 5)
-    b.program.append(("layer", b.feature(hidden), out_name))
-    b.feature(5)
-    model = RandNet(b.program, b.layers).eval()
-    x = torch.randn(2, in_ch, hw, hw)
-    return model, x
+        cur = b.plain(cur, draw(st.sampled_from(PLAIN_OPS)))
+    return _finish(b, cur, draw(st.integers(3, 10)), hw, in_ch)
 
 
 def _finish(b: _Builder, cur: int, hidden: int, hw: int, in_ch: int) -> tuple[nn.Module, torch.Tensor]:
@@ -382,20 +381,10 @@ def random_hostile_cnn(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor, list[s
     in_ch, hw = 3, draw(st.sampled_from([4, 6]))
     b = _HostileBuilder(draw, in_ch)
     cur = b.conv(0)
-    plain = ["conv", "residual", "concat", "split", "split_cat", "cat_cat"]
-    ops = draw(st.lists(st.sampled_from(plain + list(HOSTILE_OPS) * 2), min_size=0, max_size=4))
+    ops = draw(st.lists(st.sampled_from(list(PLAIN_OPS) + list(HOSTILE_OPS) * 2), min_size=0, max_size=4))
     ops.insert(draw(st.integers(0, len(ops))), draw(st.sampled_from(HOSTILE_OPS)))
     for op in ops:
-        if op in HOSTILE_OPS:
-            cur = b.hostile(cur, op)
-        elif op == "conv":
-            cur = b.conv(cur)
-        elif op == "residual":
-            cur = b.residual(cur)
-        elif op in ("concat", "cat_cat"):
-            cur = b.concat(cur, twice=op == "cat_cat")
-        elif op in ("split", "split_cat") and b.chans[cur] >= 4:
-            cur = b.split(cur, then_cat=op == "split_cat")
+        cur = b.hostile(cur, op) if op in HOSTILE_OPS else b.plain(cur, op)
     if draw(st.booleans()):
         cur = b.conv(cur)
     model, x = _finish(b, cur, draw(st.integers(3, 10)), hw, in_ch)

@@ -26,13 +26,18 @@ from .ops import OpType
 LayerRule = Callable[[Node, str, int, set[int]], "str | None"]
 
 
+def _unequal_parts(idxs: set[int], n: int, parts: int) -> bool:
+    """Whether removing ``idxs`` of ``n`` channels in ``parts`` equal consecutive parts takes more
+    from some part than from another."""
+    per = n // parts
+    return len({sum(1 for i in idxs if i // per == g) for g in range(parts)}) > 1
+
+
 def _grouped_conv_rule(node: Node, side: str, n: int, idxs: set[int]) -> str | None:
     module = node.module
     if not (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and node.type == OpType.CONV):
         return None
-    per = n // module.groups
-    counts = {sum(1 for i in idxs if i // per == g) for g in range(module.groups)}
-    if len(counts) > 1:
+    if _unequal_parts(idxs, n, module.groups):
         return (
             f"{node.name} is a grouped convolution with {module.groups} groups: every group must "
             f"lose the same number of {side}put channels"
@@ -49,11 +54,7 @@ def _group_norm_rule(node: Node, side: str, n: int, idxs: set[int]) -> str | Non
 
 def _multihead_attention_rule(node: Node, side: str, n: int, idxs: set[int]) -> str | None:
     module = node.module
-    if not isinstance(module, nn.MultiheadAttention):
-        return None
-    head_dim = n // module.num_heads
-    counts = {sum(1 for i in idxs if i // head_dim == h) for h in range(module.num_heads)}
-    if len(counts) > 1:
+    if isinstance(module, nn.MultiheadAttention) and _unequal_parts(idxs, n, module.num_heads):
         return (
             f"{node.name} is an nn.MultiheadAttention with {module.num_heads} heads: every head must "
             "lose the same number of embed channels, or channels would move to other heads"

@@ -251,6 +251,17 @@ class ChannelCounts:
         return self.budget_counts(groups, positions, min(want, n))
 
 
+def _equal_parts(module: Any, side: str) -> tuple[int, int] | None:
+    """``(channels, parts)`` when every part of ``module``'s channels on ``side`` must lose as
+    many channels: the groups of a grouped (not depthwise) convolution, the heads of an
+    ``nn.MultiheadAttention`` (heads are consecutive chunks of its embed channels)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups != module.in_channels:
+        return (module.out_channels if side == "out" else module.in_channels), module.groups
+    if isinstance(module, nn.MultiheadAttention) and module.num_heads > 1:
+        return module.embed_dim, module.num_heads
+    return None
+
+
 class ChannelSelector:
     """Which channels of each group go: the lowest-scoring ones, balanced or reduced until the
     subset group is a valid prune (see the module docstring)."""
@@ -346,25 +357,16 @@ class ChannelSelector:
             length = len(item.idxs)
             module = item.dep.target.module
             side = getattr(item.dep.handler, "side", "out")
-            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-                if module.groups != module.in_channels:  # depthwise ones need no balance
-                    total = module.out_channels if side == "out" else module.in_channels
-                    per = max(1, total // module.groups)
-                    label_of: dict[int, Any] = {}
-                    for c, rp in zip(item.idxs, gi.pos[start : start + length].tolist()):
-                        if rp >= 0:
-                            label_of.setdefault(rp, (k, c // per))
-                    add(label_of)
-            elif isinstance(module, nn.GroupNorm):
-                divisors.add(module.num_groups)
-            elif isinstance(module, nn.MultiheadAttention) and module.num_heads > 1:
-                # every head loses as many channels (heads are chunks of the embed channels)
-                head_dim = module.embed_dim // module.num_heads
-                label_of = {}
+            parts = _equal_parts(module, side)
+            if parts is not None:
+                per = max(1, parts[0] // parts[1])
+                label_of: dict[int, Any] = {}
                 for c, rp in zip(item.idxs, gi.pos[start : start + length].tolist()):
                     if rp >= 0:
-                        label_of.setdefault(rp, (k, c // head_dim))
+                        label_of.setdefault(rp, (k, c // per))
                 add(label_of)
+            elif isinstance(module, nn.GroupNorm):
+                divisors.add(module.num_groups)
             start += length
         for module, attr, old, _new in group.attribute_updates:
             if attr == "<chunks>" and len(old) > 1 and n % len(old) == 0:
