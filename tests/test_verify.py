@@ -156,6 +156,12 @@ class DetachNet(nn.Module):
         return self.c2(y) + self.g(y.detach())
 
 
+class DataNet(DetachNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.c1(x))
+        return self.c2(y) + self.g(y.data)
+
+
 class NoGradNet(DetachNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.c1(x))
@@ -386,7 +392,7 @@ def test_verification_names_the_failing_line_and_marks_the_group():
     assert list(pruner.refused.values()) and "AssertionError" in next(iter(pruner.refused.values()))
 
 
-@pytest.mark.parametrize("factory", [DetachNet, NoGradNet], ids=["detach", "no_grad"])
+@pytest.mark.parametrize("factory", [DetachNet, DataNet, NoGradNet], ids=["detach", "data", "no_grad"])
 def test_tensors_leaving_autograd_keep_their_coupling(factory):
     torch.manual_seed(0)
     model, x = factory(), image()
@@ -575,3 +581,53 @@ def test_branch_not_taken_keeps_the_outputs_of_its_alternative():
     assert any("the outputs of p (Conv2d) are kept" in w for w in warned), warned
     assert model.p.out_channels == model.n.out_channels == model.head.in_channels == 8
     assert model(-x).shape == model(x).shape
+
+
+class CheckedCNN(nn.Module):
+    """TinyCNN's layout with a width check the trace cannot see, for the callback test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        assert y.shape[1] == self.channels
+        return self.fc(torch.relu(self.conv2(y)).mean((2, 3)))
+
+
+def test_callback_steps_are_verified(tmp_path):
+    from helpers import LitNet, cpu_trainer, random_loader
+    from prune_callbacks import StructuredPruning
+
+    module = LitNet()
+    module.model = CheckedCNN()
+    callback = StructuredPruning("l2", pruning_ratio=0.5, epochs=[0], verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_trainer(tmp_path, [callback], max_epochs=2).fit(module, random_loader())
+    assert any("refusing the group of model.conv1" in str(w.message) for w in caught)
+    assert module.model.conv1.out_channels == 16 and module.model.conv2.out_channels == 8
+    assert module(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_undone_prunes_leave_no_parameter_updates_for_the_optimizer():
+    from prune_callbacks import prune_optimizer_state, track_parameter_updates
+
+    torch.manual_seed(0)
+    model, x = CheckedNet(), image()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    optimizer.step()  # momentum buffers exist
+    pruner = Pruner(model, x, "l2", pruning_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with track_parameter_updates() as updates:
+            pruner.step()  # c1's group is probed, refused and undone; nothing else prunes
+    assert updates == [] and model.c1.out_channels == 16
+    prune_optimizer_state(optimizer, updates)
+    model(x).sum().backward()
+    optimizer.step()

@@ -10,12 +10,13 @@ function names, indices) for replay on a fresh model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..layers import once_per_parameter
+from ..layers import once_per_parameter, recorded_updates
 from .attributes import SHARED_HOLDER_ATTR, pruned_shape
 from .checks import GroupChecker
 from .dependency import Group, PruningError, VerificationError, snapshot
@@ -42,7 +43,7 @@ def apply_group(
     if reason is not None:
         raise ValueError(f"refusing to prune this group: {reason}")
     targets = [item.dep.target.module for item in group] + [m for m, *_ in group.attribute_updates]
-    restore = snapshot(targets)
+    restore = _undo(snapshot(targets))
     current: Dependency | None = None
     try:
         with once_per_parameter():
@@ -66,6 +67,21 @@ def apply_group(
         raise VerificationError(f"{describe(group)}: {problem}. The model was restored unchanged.", problem)
     if keep:
         update_shapes(group)
+
+
+def _undo(restore: Callable[[], None]) -> Callable[[], None]:
+    """``restore`` that also takes back the parameter updates the prune recorded (see
+    :func:`~prune_callbacks.layers.recorded_updates`): an undone prune must not slice the
+    optimizer state."""
+    log = recorded_updates()
+    mark = len(log) if log is not None else 0
+
+    def undo() -> None:
+        restore()
+        if log is not None:
+            del log[mark:]
+
+    return undo
 
 
 def probe_group(group: Group, checker: GroupChecker, verify: ForwardCheck) -> str | None:

@@ -30,6 +30,7 @@ from .base import (
     get_pruning_functions,
     normalize_idxs,
     once_per_parameter,
+    recorded_updates,
     track_parameter_updates,
 )
 from .conv import (
@@ -84,6 +85,7 @@ __all__ = [
     "get_pruning_functions",
     "normalize_idxs",
     "once_per_parameter",
+    "recorded_updates",
     "track_parameter_updates",
     "prune_batchnorm_in_channels",
     "prune_batchnorm_out_channels",

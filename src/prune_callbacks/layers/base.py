@@ -148,6 +148,13 @@ def track_parameter_updates() -> Iterator[list[ParamUpdate]]:
         _UPDATES.reset(token)
 
 
+def recorded_updates() -> list[ParamUpdate] | None:
+    """The list :func:`track_parameter_updates` is filling now (None outside such a block). A
+    prune that is undone removes what it appended, so that the optimizer state is not sliced
+    for a change that did not happen."""
+    return _UPDATES.get()
+
+
 def update_parameter(param: Tensor, fn: Callable[[Tensor], Tensor], dim: int) -> None:
     """Replace ``param``'s data (and gradient) by ``fn`` of them, keeping the Parameter object.
 

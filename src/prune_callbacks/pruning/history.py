@@ -37,6 +37,7 @@ from ..layers import (
     function_by_name,
     get_pruning_functions,
     once_per_parameter,
+    recorded_updates,
 )
 
 __all__ = [
@@ -151,6 +152,8 @@ def apply_pruning_history(
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     restores = [snapshot([model])]
+    log = recorded_updates()
+    mark = len(log) if log is not None else 0
     held: set[int] = set()
     try:
         for r, record in enumerate(history):
@@ -186,6 +189,8 @@ def apply_pruning_history(
     except BaseException:
         for restore in restores:
             restore()
+        if log is not None:
+            del log[mark:]  # undone: the optimizer state must not follow
         raise
     get_pruning_history(model, create=True).extend(copy.deepcopy([dict(h) for h in history]))
     return model
