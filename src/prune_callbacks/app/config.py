@@ -8,6 +8,12 @@ pruning setting, or a value of the wrong type, is refused when the config is com
 What is checked here besides is what only the app knows: the last pruning epoch against
 ``trainer.max_epochs``, layer names against the built model, logger packages and data directories.
 
+The ``data`` group has no closed schema (``data._target_`` may name any LightningDataModule, with its
+own keys); instead every key the shipped data modules take has a rule in :data:`DATA_SETTINGS` (type,
+range, meaning), applied by :func:`check_data_settings` to whichever of those keys the selected data
+config has, before anything is built, so ``data.batch_size=0`` stops the run instead of a DataLoader
+traceback after fit started. Which model and task fit which data is declared in :mod:`.inputs`.
+
 Every problem a user can make on the command line is reported as a :class:`ConfigError` whose message
 is one line: the key with its value, what is wrong, and the fix (for example
 ``pruning.pruning_ratio=1.5: must be in [0, 1) (...); e.g. pruning.pruning_ratio=0.5``). The app prints
@@ -17,6 +23,7 @@ that line and exits with status 2 instead of showing a traceback.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +35,17 @@ from ..pruning.settings import PruningSettings, SettingsError, format_value
 
 __all__ = [
     "CALLBACK_TARGET",
+    "DATA_SETTINGS",
     "PRUNING_SCHEMA",
+    "SEED",
     "ConfigError",
     "PruningConfig",
+    "SettingRule",
+    "check_data_settings",
     "check_layer_names",
     "check_logger",
     "check_schedule_fits",
+    "check_setting",
     "error",
     "missing_data_error",
     "pruning_settings",
@@ -165,3 +177,126 @@ def missing_data_error(key: str, data_dir: Any, exc: BaseException) -> ConfigErr
     if data_dir is not None:
         fix = f"put the dataset there or set {key}=/path/to/it"
     return error(key, data_dir, message, fix)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SettingRule:
+    """What one setting accepts: a type (integer, number, flag or text), for numbers a range, what the
+    setting means and an example value; :meth:`problem` says what is wrong with a value, if anything.
+
+    Bounds are inclusive unless ``low_open`` / ``high_open`` (``(0, 1)`` for a fraction that may be
+    neither 0 nor 1). Booleans are no numbers and strings no numbers, as in the pruning settings.
+    """
+
+    meaning: str
+    example: Any
+    kind: str = "integer"  # "integer", "number", "flag" or "text"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allowed(self) -> str:
+        """The accepted values in words, e.g. ``an integer >= 1`` or ``a number in (0, 1)``."""
+        if self.kind == "flag":
+            return "true or false"
+        if self.kind == "text":
+            return "a non-empty path or string"
+        what = "an integer" if self.kind == "integer" else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{what} in {left}{format_value(self.low)}, {format_value(self.high)}{right}"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {format_value(self.low)}"
+        if self.high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {format_value(self.high)}"
+        return what
+
+    def problem(self, value: Any) -> str | None:
+        """None when ``value`` is accepted, else ``must be <allowed> (<meaning>)``."""
+        if self._accepts(value):
+            return None
+        return f"must be {self.allowed()} ({self.meaning})"
+
+    def _accepts(self, value: Any) -> bool:
+        if self.kind == "flag":
+            return isinstance(value, bool)
+        if self.kind == "text":
+            return isinstance(value, str) and value.strip() != ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "integer" and not isinstance(value, int):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+
+#: The top-level ``seed`` (and ``data.seed``, which follows it): numpy and Lightning accept [0, 2**32 - 1].
+SEED = SettingRule("the seed of every random number generator", 0, low=0, high=2**32 - 1)
+
+#: Rules for the keys of the ``data`` configs in ``conf/data`` (every key of every shipped data module).
+#: A key not listed here (a key of your own data module) is left to that module.
+DATA_SETTINGS: dict[str, SettingRule] = {
+    "batch_size": SettingRule("samples per training and validation batch", 64, low=1),
+    "num_workers": SettingRule("DataLoader worker processes; 0 loads in the main process", 0, low=0),
+    "val_fraction": SettingRule(
+        "the share of the data held out for validation",
+        0.2,
+        kind="number",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    ),
+    "seq_len": SettingRule("tokens per training window", 128, low=1),
+    "max_chars": SettingRule("bytes of text read", 2_000_000, low=1),
+    "seed": SEED,
+    "augment": SettingRule("random crop and flip of the training images", True, kind="flag"),
+    "data_dir": SettingRule("the folder holding the dataset", "data/cifar10", kind="text"),
+}
+
+
+def check_setting(key: str, value: Any, rule: SettingRule) -> None:
+    """Raise the one-line ConfigError ``key=value: must be ... (meaning); e.g. key=example`` if ``rule``
+    refuses ``value``."""
+    problem = rule.problem(value)
+    if problem is not None:
+        raise error(key, value, problem, f"e.g. {key}={format_value(rule.example)}")
+
+
+def check_data_settings(data: Mapping[str, Any] | None, prefix: str = "data.") -> None:
+    """Check every key of the ``data`` config that has a rule in :data:`DATA_SETTINGS`, then the
+    settings that only make sense together (text windows against the text read).
+
+    Runs before the data module is built: a bad value stops the run with one line naming the key
+    instead of a traceback from the DataLoader (or from the split) once training has started.
+    """
+    if not data:
+        return
+    for key, rule in DATA_SETTINGS.items():
+        if key in data:
+            check_setting(prefix + key, data.get(key), rule)
+    if all(key in data for key in ("max_chars", "seq_len", "val_fraction")):
+        _check_text_split(data, prefix)
+
+
+def _check_text_split(data: Mapping[str, Any], prefix: str) -> None:
+    """``max_chars`` must leave a window of ``seq_len + 1`` bytes for training after the validation
+    split, which takes ``max(seq_len + 1, max_chars * val_fraction)`` bytes (as the text module cuts it)."""
+    max_chars, seq_len, fraction = int(data["max_chars"]), int(data["seq_len"]), float(data["val_fraction"])
+    n_val = max(seq_len + 1, int(max_chars * fraction))
+    if max_chars - n_val < seq_len + 1:
+        need = max(2 * (seq_len + 1), math.ceil((seq_len + 1) / (1 - fraction)))
+        while need - max(seq_len + 1, int(need * fraction)) < seq_len + 1:  # float rounding: a step or two
+            need += 1
+        raise error(
+            prefix + "max_chars",
+            max_chars,
+            f"too little text for {prefix}seq_len={seq_len}: the validation split takes {n_val} bytes and "
+            f"training needs at least {seq_len + 1} more",
+            f"set {prefix}max_chars>={need} or a smaller {prefix}seq_len",
+        )

@@ -10,8 +10,10 @@ directory; ``python -m prune_callbacks.report <multirun dir>`` summarises a swee
 
 The ``pruning`` group is checked by the one settings rulebook,
 :class:`~prune_callbacks.pruning.settings.PruningSettings` (its schema in Hydra's ConfigStore and
-:func:`.config.pruning_settings`), before anything is built. Progress and the final summary go through
-the module logger: Hydra's job logging prints them on the console and writes them to ``train.log``.
+:func:`.config.pruning_settings`), the ``data`` settings by :func:`.config.check_data_settings` and the
+model, task and data against each other by :func:`.inputs.check_inputs`, all before anything is built.
+Progress and the final summary go through the module logger: Hydra's job logging prints them on the
+console and writes them to ``train.log``.
 """
 
 from __future__ import annotations
@@ -39,16 +41,20 @@ from omegaconf import DictConfig, OmegaConf
 from ..measure.flops import count_macs_and_params, count_params, measure_latency
 from ..pruning.settings import PruningSettings
 from .config import (
+    SEED,
     ConfigError,
+    check_data_settings,
     check_layer_names,
     check_logger,
     check_schedule_fits,
+    check_setting,
     error,
     missing_data_error,
     pruning_settings,
     register_pruning_schema,
 )
 from .help import register_help
+from .inputs import check_inputs
 from .tables import render_table
 
 __all__ = [
@@ -156,6 +162,13 @@ def _output_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def _choices() -> dict[str, Any]:
+    """The option selected in each config group (``{"model": "tiny_llama", ...}``; empty outside Hydra)."""
+    if not HydraConfig.initialized():
+        return {}
+    return dict(HydraConfig.get().runtime.choices)
+
+
 def _overrides() -> list[str]:
     """The command-line overrides of this job (empty outside a Hydra run)."""
     if not HydraConfig.initialized():
@@ -180,7 +193,8 @@ def _build(cfg: Any, key: str, **kwargs: Any) -> Any:
 
 
 def _check_data(data_cfg: DictConfig, dm: Any) -> None:
-    """Run the data module's ``prepare_data`` and ``setup`` now, so a missing dataset stops the run here."""
+    """Run the data module's ``prepare_data`` and ``setup`` now, so a missing dataset (or settings the
+    module refuses when it loads, such as a split it cannot make) stop the run here, in one line."""
     try:
         if hasattr(dm, "prepare_data"):
             dm.prepare_data()
@@ -189,6 +203,12 @@ def _check_data(data_cfg: DictConfig, dm: Any) -> None:
     except FileNotFoundError as exc:
         key = "data.data_dir" if "data_dir" in data_cfg else "data"
         raise missing_data_error(key, data_cfg.get("data_dir"), exc) from None
+    except ValueError as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(
+            f"data: {type(dm).__name__} could not load its data: {message}; check the data settings "
+            f"(python -m prune_callbacks.train --cfg job shows them)"
+        ) from None
 
 
 def _fill_from_data(task_cfg: DictConfig, dm: Any) -> dict[str, Any]:
@@ -513,13 +533,17 @@ def _compare(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job: check the config, train dense, prune during fit, fine-tune, measure, write results.json.
 
-    Every user-fixable problem (bad ratio, unknown importance or layer name, missing dataset...) raises a
-    :class:`ConfigError` before any training. Returns the results that were written.
+    Every user-fixable problem (bad ratio, unknown importance or layer name, bad data setting, a model
+    that does not take what the data gives, missing dataset...) raises a :class:`ConfigError` before
+    any training. Returns the results that were written.
     """
     start = time.perf_counter()
     settings = pruning_settings(cfg.pruning)
     epochs = check_schedule_fits(settings, cfg.trainer.get("max_epochs"))
     check_logger(cfg.get("logger"))
+    check_setting("seed", cfg.get("seed"), SEED)
+    check_data_settings(cfg.get("data"))
+    check_inputs(cfg, _choices(), conf_dir())
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

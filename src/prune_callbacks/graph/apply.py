@@ -10,7 +10,7 @@ function names, indices) for replay on a fresh model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from .attributes import SHARED_HOLDER_ATTR, pruned_shape
 from .checks import GroupChecker
 from .dependency import Group, PruningError, VerificationError, snapshot
 from .facts import param_dim, side_of
-from .node import Dependency, fn_name
+from .node import Dependency, Edge, fn_name
 from .verify import ForwardCheck
 
 
@@ -32,13 +32,17 @@ def apply_group(
     *,
     check_shared: bool = True,
     keep: bool = True,
+    commit: Callable[[], None] | None = None,
 ) -> None:
-    """Prune ``group`` atomically: refuse it with ``ValueError`` (nothing changed) when
+    """Prune ``group`` as one transaction: refuse it with ``ValueError`` (nothing changed) when
     ``checker`` finds a problem; restore everything and raise :class:`PruningError` naming the
     layer when a pruning function fails, or :class:`VerificationError` when the pruned model fails
     ``verify`` (its forward raises or an output changes shape). Then shrink the shapes the graph
-    records. ``keep=False`` restores the model after a successful prune too (a probe: see
-    :func:`probe_group`); ``check_shared`` is passed to :meth:`GroupChecker.explain`."""
+    records and run ``commit`` (the caller's bookkeeping, e.g. the history record). Any other
+    exception on the way, ``KeyboardInterrupt`` included, restores the model, the recorded
+    shapes and the parameter-update log before it propagates. ``keep=False`` restores the model
+    after a successful prune too (a probe: see :func:`probe_group`); ``check_shared`` is passed
+    to :meth:`GroupChecker.explain`."""
     reason = checker.explain(group, check_shared)
     if reason is not None:
         raise ValueError(f"refusing to prune this group: {reason}")
@@ -56,17 +60,29 @@ def apply_group(
         for module, attr, _old, new in group.attribute_updates:
             if not attr.startswith("<"):
                 setattr(module, attr, new)
+        problem = verify.problem() if verify is not None else None
     except Exception as e:
         restore()
         where = f"{current.target.name} ({fn_name(current.handler)})" if current is not None else "attributes"
         raise PruningError(f"pruning failed at {where}: {e}. The model was restored unchanged.") from e
-    problem = verify.problem() if verify is not None else None
+    except BaseException:
+        restore()
+        raise
     if problem is not None or not keep:
         restore()
     if problem is not None:
         raise VerificationError(f"{describe(group)}: {problem}. The model was restored unchanged.", problem)
-    if keep:
+    if not keep:
+        return
+    undo_shapes = recorded_shapes(group.edge_maps)
+    try:
         update_shapes(group)
+        if commit is not None:
+            commit()
+    except BaseException:
+        undo_shapes()
+        restore()
+        raise
 
 
 def _undo(restore: Callable[[], None]) -> Callable[[], None]:
@@ -108,6 +124,27 @@ def describe(group: Group, limit: int = 4) -> str:
     return f"the group of {group.root.dep.target.name} ({shown})"
 
 
+def recorded_shapes(edges: Iterable[Edge]) -> Callable[[], None]:
+    """Remember the shapes the graph records for ``edges`` (and for the ops at their ends);
+    return a function that puts them back (undoing :func:`update_shapes`)."""
+    saved: list[tuple[Edge, tuple[int, ...]]] = [(e, e.shape) for e in edges]
+    lists: dict[int, tuple[list, list]] = {}
+    for e, _shape in saved:
+        for node in (e.src, *(d for d, _ in e.dsts)):
+            for key in ("out_shapes", "in_shapes", "size_args"):
+                shapes = node.attrs.get(key)
+                if isinstance(shapes, list) and id(shapes) not in lists:
+                    lists[id(shapes)] = (shapes, list(shapes))
+
+    def undo() -> None:
+        for e, shape in saved:
+            e.shape = shape
+        for shapes, old in lists.values():
+            shapes[:] = old
+
+    return undo
+
+
 def update_shapes(group: Group) -> None:
     """After a prune, shrink the recorded tensor shapes so the graph stays usable."""
     shapes: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}  # maps may share tensors
@@ -118,10 +155,17 @@ def update_shapes(group: Group) -> None:
             new = shapes[key] = pruned_shape(edge.shape, m)
         if new == edge.shape:
             continue
+        old = edge.shape
         edge.shape = new
         src = edge.src
         if src.type.is_virtual:
             src.attrs["out_shapes"][edge.src_pos] = new
+            sizes = src.attrs.get("size_args")
+            if edge.src_pos == 0 and sizes is not None and len(sizes) == len(new):
+                # the sizes a view was called with follow its output (attributes were updated)
+                for d, (a, b) in enumerate(zip(old, new)):
+                    if a != b and sizes[d] == a:
+                        sizes[d] = b
         for dst, pos in edge.dsts:
             dst.attrs["in_shapes"][pos] = new
 
@@ -162,4 +206,12 @@ def object_name(obj: Any, names: dict[Any, str]) -> str:
     return ""
 
 
-__all__ = ["apply_group", "describe", "history_record", "object_name", "probe_group", "update_shapes"]
+__all__ = [
+    "apply_group",
+    "describe",
+    "history_record",
+    "object_name",
+    "probe_group",
+    "recorded_shapes",
+    "update_shapes",
+]

@@ -329,12 +329,12 @@ class DependencyGraph:
         return self.checker.explain(group, check_shared)
 
     def prune_group(self, group: Group, record_history: bool = True) -> None:
-        """Prune ``group`` atomically (see :func:`.apply.apply_group`) and, with
-        ``record_history``, append its :meth:`history_record` to ``pruning_history``.
-        :meth:`Group.prune` comes here."""
-        apply_group(group, self.checker, self.verifier)
-        if record_history:
-            self.pruning_history.append(self.history_record(group))
+        """Prune ``group`` as one transaction (see :func:`.apply.apply_group`) and, with
+        ``record_history``, append its :meth:`history_record` to ``pruning_history`` inside it
+        (an interrupt never leaves a pruned model without its record). :meth:`Group.prune`
+        comes here."""
+        commit = (lambda: self.pruning_history.append(self.history_record(group))) if record_history else None
+        apply_group(group, self.checker, self.verifier, commit=commit)
 
     def size_problem(self, group: Group) -> str | None:
         """Why pruning ``group`` would make a size computed from a tensor's shape wrong (see
