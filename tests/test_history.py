@@ -132,7 +132,7 @@ def test_save_and_load_pruned_with_weights_only(tmp_path) -> None:
     path = tmp_path / "pruned.pt"
     save_pruned(model, path)
     data = torch.load(path, weights_only=True)  # plain tensors and containers only
-    assert set(data) == {"format", "history", "state_dict"}
+    assert set(data) == {"format", "history", "state_dict", "digests"}
     json.dumps(data["history"])  # the history is plain data
     fresh = load_pruned(cifar_resnet(20).eval(), path)
     assert torch.equal(fresh(x), model(x))

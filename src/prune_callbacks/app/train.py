@@ -299,7 +299,7 @@ def _save_pruned(lit: Any, callback: Any, path: Path) -> bool:
     the prefix stripped), so ``load_pruned(MyNet(...), path)`` rebuilds it without Lightning.
     """
     from ..integrations.lightning.callback import HISTORY_KEY, pruned_from_checkpoint
-    from ..pruning.history import save_pruned
+    from ..pruning.history import save_pruned, state_dict_digests
 
     history = getattr(callback, "history", None)
     if history is None:
@@ -308,6 +308,7 @@ def _save_pruned(lit: Any, callback: Any, path: Path) -> bool:
         payload = pruned_from_checkpoint(
             {"state_dict": lit.state_dict(), HISTORY_KEY: history}, prefix="model."
         )
+        payload["digests"] = state_dict_digests(payload["state_dict"])  # load_pruned checks them
         torch.save(payload, path)
     else:
         save_pruned(lit, path, history)

@@ -255,9 +255,12 @@ def register_size_attributes(module_class: type, *names: str) -> None:
     without this; registering helps when several attributes hold the same value."""
     if not isinstance(module_class, type):
         raise TypeError(f"register_size_attributes: module_class must be a class, got {module_class!r}")
-    bad = [n for n in names if not isinstance(n, str) or not n.isidentifier()]
+    bad = [n for n in names if not isinstance(n, str) or not n.isidentifier() or n.startswith("_")]
     if bad or not names:
-        raise ValueError(f"register_size_attributes: give attribute names (identifiers), got {names!r}")
+        raise ValueError(
+            f"register_size_attributes: give public attribute names (identifiers without a leading "
+            f"underscore: a saved history may only set those), got {names!r}"
+        )
     _REGISTERED[module_class] = tuple(dict.fromkeys((*_REGISTERED.get(module_class, ()), *names)))
 
 

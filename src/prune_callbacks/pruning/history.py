@@ -14,6 +14,14 @@ class, same constructor arguments), after which a pruned ``state_dict`` loads in
 :func:`save_pruned` / :func:`load_pruned` store plain tensors plus the history, so the file
 loads with ``torch.load(path, weights_only=True)``: no pickled modules, no code run on load.
 
+A file is untrusted data, and a load either succeeds or changes nothing: :func:`save_pruned` stores
+a SHA-256 digest of every tensor, which :func:`load_pruned` checks before it touches the model (a
+damaged file is refused, naming the tensors); every history record is checked first too (items
+name modules or parameters of the model, attribute changes only set int sizes of its modules or
+their config, never classes, methods or private state); a model pruned differently from the file
+is refused; and replay plus weight loading run as one transaction that puts the model back
+exactly as it was on any failure, ``KeyboardInterrupt`` included.
+
 The pruner keeps the history of a model on the model itself (:func:`get_pruning_history`), so
 ``save_pruned(model, path)`` needs nothing else.
 """
@@ -21,13 +29,17 @@ The pruner keeps the history of a model on the model itself (:func:`get_pruning_
 from __future__ import annotations
 
 import copy
+import hashlib
+import keyword
 import os
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn as nn
 
+from ..graph.attributes import SHARED_HOLDER_ATTR
 from ..graph.dependency import snapshot
 from ..graph.verify import ForwardCheck
 from ..layers import (
@@ -48,6 +60,8 @@ __all__ = [
     "get_pruning_history",
     "load_pruned",
     "save_pruned",
+    "state_dict_digests",
+    "tensor_digest",
 ]
 
 HISTORY_ATTRIBUTE = "_prune_callbacks_history"
@@ -111,7 +125,8 @@ def _resolve_function(name: str, table: Mapping[str, PruningFunction]) -> Prunin
 
 def _lookup(model: nn.Module, name: str, modules: dict, params: dict) -> Any:
     """A module or parameter by name; ``<module>.config`` (an attribute path after a module
-    name) names a plain object the module holds, such as a config shared by its layers."""
+    name) names a plain object the module holds, such as a config shared by its layers.
+    Records are checked by :func:`_check_records` first, so only those names reach here."""
     if name in modules:
         return modules[name]
     if name in params:
@@ -130,6 +145,212 @@ def _lookup(model: nn.Module, name: str, modules: dict, params: dict) -> Any:
     raise KeyError(f"the model has no module or parameter named {name!r}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Checking a history before it touches anything
+# ---------------------------------------------------------------------------------------------
+
+_SIZE_ONLY = "only int or tuple-of-int size attributes of the model's modules may be set"
+
+
+def _is_size(value: Any) -> bool:
+    """An int (not a bool) or a list/tuple of them: the only values a history may set."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_plain_object(obj: Any) -> bool:
+    """Whether ``obj`` is plain data holding sizes (a config), not code, a class, a Python module,
+    an ``nn.Module`` or a tensor, whose attributes a history must never reach."""
+    kinds = (type, types.ModuleType, nn.Module, torch.Tensor)
+    return obj is not None and not isinstance(obj, kinds) and not callable(obj)
+
+
+def _attribute_holder(name: Any, modules: Mapping[str, nn.Module]) -> Any:
+    """The object an attribute record may change: a module of the model (``""`` is the model) or
+    the plain object a module holds as ``config`` (``"<module>.config"``, or ``"config"`` for the
+    model's own); None for any other path."""
+    if not isinstance(name, str):
+        return None
+    if name in modules:
+        return modules[name]
+    owner, dot, last = name.rpartition(".")
+    if last != SHARED_HOLDER_ATTR or owner not in modules or (dot and not owner):
+        return None
+    holder = getattr(modules[owner], SHARED_HOLDER_ATTR, None)
+    return holder if _is_plain_object(holder) else None
+
+
+def _check_attribute(r: int, change: Any, modules: Mapping[str, nn.Module]) -> None:
+    """Refuse an attribute record that could do more than resize a layer (see :func:`_check_records`)."""
+    if not isinstance(change, Mapping):
+        raise ValueError(f"history record {r}: attribute change {change!r} is not a mapping")
+    name, attr, new = change.get("module"), change.get("attr"), change.get("new")
+    path = f"{name}.{attr}" if name else str(attr)
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"history record {r} sets {path!r}: {_SIZE_ONLY} ({why})")
+
+    holder = _attribute_holder(name, modules)
+    if holder is None:
+        raise refuse(f"{name!r} is neither a module of the model nor the plain config a module holds")
+    if not isinstance(attr, str) or not attr.isidentifier() or keyword.iskeyword(attr) or attr[0] == "_":
+        raise refuse(f"{attr!r} is not a public attribute name")
+    if not _is_size(new):
+        raise refuse(f"the new value {new!r} is not one")
+    try:
+        current = getattr(holder, attr, None)
+    except Exception as e:  # noqa: BLE001 - a property that fails: not a plain size attribute
+        raise refuse(f"reading it fails: {e}") from e
+    if current is not None and not _is_size(current):
+        raise refuse(f"its current value is a {type(current).__name__}")
+
+
+def _check_records(
+    history: Sequence[Any], modules: Mapping[str, nn.Module], params: Mapping[str, nn.Parameter]
+) -> None:
+    """Check every record of ``history`` against the model before anything is touched.
+
+    A history comes from a file, so it is untrusted data: each pruned item must name a module or a
+    parameter of the model, and each attribute change must set a public, non-callable size
+    attribute (an int or a list/tuple of ints, currently one too or missing) of a module of the
+    model or of the plain ``config`` object a module holds, to an int or a list/tuple of ints.
+    That keeps a damaged or crafted file from reaching classes (``0.__class__``), instance
+    dictionaries, methods or anything outside the model. Raises ``KeyError`` for an unknown item
+    target and ``ValueError`` for anything else.
+    """
+    for r, record in enumerate(history):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"history record {r} is a {type(record).__name__}, not a mapping")
+        for item in record.get("items", []):
+            target = item.get("target") if isinstance(item, Mapping) else None
+            if not isinstance(target, str) or (target not in modules and target not in params):
+                raise KeyError(f"history record {r}: the model has no module or parameter named {target!r}")
+        for change in record.get("attributes", []):
+            _check_attribute(r, change, modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Changing a model as one transaction
+# ---------------------------------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> tuple[torch.device, int] | None:
+    """Where ``t``'s values live (device, storage address); None for tensors without values."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+    return (t.device, ptr) if ptr else None
+
+
+class _Transaction:
+    """Puts a model back exactly as it was when a change to it fails, whatever the failure
+    (``KeyboardInterrupt`` included: it is a context manager that rolls back on any exception).
+
+    It keeps a :func:`snapshot` of the model (its tensors, parameters and attributes, by
+    reference), one of every plain config object a replay changes (:meth:`hold`), the length of
+    the model's history and of the optimizer's update log, and, after :meth:`protect_values`, copies
+    of the values that an in-place ``load_state_dict`` would overwrite in tensors the snapshot holds.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.restores = [snapshot([model])]
+        self.held: set[int] = set()
+        self.history_length = len(get_pruning_history(model))
+        self.log = recorded_updates()
+        self.mark = len(self.log) if self.log is not None else 0
+        # the storages the snapshot keeps: a replay swaps tensors, so any tensor found on one of
+        # these later is one whose values an in-place write would change for the snapshot too
+        tensors = [*model.parameters(), *model.buffers()]
+        self.storages = {key for key in map(_storage_key, tensors) if key is not None}
+        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> _Transaction:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if kind is not None:
+            self.rollback()
+
+    def hold(self, obj: Any) -> None:
+        """Also restore ``obj`` (a config shared by modules, outside the model's snapshot)."""
+        if not isinstance(obj, nn.Module) and id(obj) not in self.held:
+            self.held.add(id(obj))
+            self.restores.append(snapshot([obj]))
+
+    def protect_values(self) -> None:
+        """Copy the current values of the model's state tensors that the snapshot also holds.
+
+        ``load_state_dict`` copies into the existing parameters and buffers in place, and the
+        snapshot only keeps references, so these values would otherwise be lost on a failure.
+        Tensors the replay already replaced (every pruned one) are new: the snapshot holds the old
+        ones, untouched, so they need no copy. The copies take at most the memory of the unpruned
+        tensors and live only until the transaction ends.
+        """
+        seen: set[int] = set()
+        for t in self.model.state_dict(keep_vars=True).values():
+            if not isinstance(t, torch.Tensor) or id(t) in seen or t.numel() == 0:
+                continue
+            seen.add(id(t))
+            key = _storage_key(t)
+            if key is None or key in self.storages:
+                self.values.append((t, t.detach().clone()))
+
+    def rollback(self) -> None:
+        """Put the model (values, tensors, attributes, history) and the held objects back."""
+        for restore in self.restores:
+            restore()
+        with torch.no_grad():
+            for t, value in self.values:
+                t.copy_(value)
+        del get_pruning_history(self.model)[self.history_length :]
+        if self.log is not None:
+            del self.log[self.mark :]  # undone: the optimizer state must not follow
+
+
+def _replay(
+    model: nn.Module,
+    history: Sequence[Mapping[str, Any]],
+    table: Mapping[str, PruningFunction],
+    transaction: _Transaction,
+    check: ForwardCheck | None,
+) -> None:
+    """Apply ``history`` (already checked) to ``model`` inside ``transaction``; see
+    :func:`apply_pruning_history`."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for r, record in enumerate(history):
+        steps = []
+        for item in record.get("items", []):
+            fn = _resolve_function(item["function"], table)
+            steps.append((fn, item))
+        steps.sort(key=lambda s: getattr(s[0], "side", "out") != "out")
+        with once_per_parameter():
+            for fn, item in steps:
+                target = _lookup(model, item["target"], modules, params)
+                try:
+                    if isinstance(target, nn.Parameter) and isinstance(fn, ParameterPruningFunction):
+                        # the layer pruners take a bare Parameter as their "module"
+                        fn(cast(Any, target), item["idxs"], dim=item.get("dim"))
+                    else:
+                        fn(target, item["idxs"])
+                except Exception as e:  # noqa: BLE001 - re-raised with context below
+                    where = f"{item['function']} on {item['target']!r}"
+                    raise ValueError(f"pruning history record {r}: {where} failed: {e}") from e
+        for attr in record.get("attributes", []):
+            holder = _lookup(model, attr["module"], modules, params)
+            transaction.hold(holder)  # a shared config: restored on failure too
+            new = attr["new"]
+            if isinstance(getattr(holder, attr["attr"], None), tuple) and isinstance(new, list):
+                new = tuple(new)
+            setattr(holder, attr["attr"], new)
+    problem = check.problem() if check is not None else None
+    if problem is not None:
+        raise ValueError(f"the replayed pruning history breaks the model: {problem}")
+
+
 def apply_pruning_history(
     model: nn.Module,
     history: Sequence[Mapping[str, Any]],
@@ -138,62 +359,84 @@ def apply_pruning_history(
 ) -> nn.Module:
     """Replay ``history`` on ``model`` (freshly constructed, unpruned) and return it.
 
-    Each record's items are applied with the pruning function they name, output sides first as
-    the graph does, inside :func:`once_per_parameter` (tied weights are sliced once); bare
-    parameters are pruned along their recorded ``dim``; recorded attribute changes (split sizes)
-    are set. Parameter values are whatever the model has; load the pruned ``state_dict`` after.
-    The records are appended to the model's own history. On failure the model is restored and a
-    ``ValueError`` names the record and layer. With ``example_inputs`` the replay is verified:
+    Every record is checked first, before anything changes (:func:`_check_records`: items name
+    modules or parameters of the model, attribute changes only set int sizes of its modules or
+    their config). Each record's items are applied with the pruning function they name, output
+    sides first as the graph does, inside :func:`once_per_parameter` (tied weights are sliced
+    once); bare parameters are pruned along their recorded ``dim``; recorded attribute changes
+    (split sizes) are set. Parameter values are whatever the model has; load the pruned
+    ``state_dict`` after. The records are appended to the model's own history. On any failure
+    (``KeyboardInterrupt`` included) the model is restored; a failing layer gives a
+    ``ValueError`` naming the record and layer. With ``example_inputs`` the replay is verified:
     the model must still run on them with outputs of the same shapes as before (on meta tensors
     where it can), else it is restored and a ``ValueError`` says what failed.
     """
+    _check_records(history, dict(model.named_modules()), dict(model.named_parameters()))
+    records = copy.deepcopy([dict(h) for h in history])
     check = ForwardCheck.of_dense(model, example_inputs) if example_inputs is not None else None
     table = _function_table(customized_pruners)
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    restores = [snapshot([model])]
-    log = recorded_updates()
-    mark = len(log) if log is not None else 0
-    held: set[int] = set()
-    try:
-        for r, record in enumerate(history):
-            steps = []
-            for item in record.get("items", []):
-                fn = _resolve_function(item["function"], table)
-                steps.append((fn, item))
-            steps.sort(key=lambda s: getattr(s[0], "side", "out") != "out")
-            with once_per_parameter():
-                for fn, item in steps:
-                    target = _lookup(model, item["target"], modules, params)
-                    try:
-                        if isinstance(target, nn.Parameter) and isinstance(fn, ParameterPruningFunction):
-                            # the layer pruners take a bare Parameter as their "module"
-                            fn(cast(Any, target), item["idxs"], dim=item.get("dim"))
-                        else:
-                            fn(target, item["idxs"])
-                    except Exception as e:  # noqa: BLE001 - re-raised with context below
-                        where = f"{item['function']} on {item['target']!r}"
-                        raise ValueError(f"pruning history record {r}: {where} failed: {e}") from e
-            for attr in record.get("attributes", []):
-                module = _lookup(model, attr["module"], modules, params)
-                if not isinstance(module, nn.Module) and id(module) not in held:
-                    held.add(id(module))  # a shared config: restored on failure too
-                    restores.append(snapshot([module]))
-                new = attr["new"]
-                if isinstance(getattr(module, attr["attr"], None), tuple) and isinstance(new, list):
-                    new = tuple(new)
-                setattr(module, attr["attr"], new)
-        problem = check.problem() if check is not None else None
-        if problem is not None:
-            raise ValueError(f"the replayed pruning history breaks the model: {problem}")
-    except BaseException:
-        for restore in restores:
-            restore()
-        if log is not None:
-            del log[mark:]  # undone: the optimizer state must not follow
-        raise
-    get_pruning_history(model, create=True).extend(copy.deepcopy([dict(h) for h in history]))
+    with _Transaction(model) as transaction:
+        _replay(model, history, table, transaction, check)
+        get_pruning_history(model, create=True).extend(records)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 (hex) of a tensor's dtype, shape and raw bytes, for any dtype (bfloat16 included).
+
+    The bytes are those of the tensor on the CPU, contiguous, viewed as ``uint8``, so the digest
+    does not depend on the device or the strides it was saved from.
+    """
+    t = tensor.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_quantized:
+        t = t.dequantize()
+    raw = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+    h = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    h.update(raw.numpy().data)  # the array's buffer, no copy
+    return h.hexdigest()
+
+
+def state_dict_digests(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """:func:`tensor_digest` of every tensor of ``state_dict``, by key (plain strings)."""
+    return {str(k): tensor_digest(v) for k, v in state_dict.items()}
+
+
+def _matches(tensor: Any, digest: Any) -> bool:
+    """Whether ``tensor`` is a tensor whose :func:`tensor_digest` is ``digest``."""
+    return isinstance(tensor, torch.Tensor) and isinstance(digest, str) and tensor_digest(tensor) == digest
+
+
+def _first(items: Sequence[str], n: int = 3, sep: str = ", ") -> str:
+    """The first ``n`` of ``items``, joined by ``sep``, and how many more there are."""
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _verify_digests(data: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Refuse a file whose tensors differ from the digests saved with them (files written
+    before digests existed, and Lightning checkpoints, have none and are not checked)."""
+    digests = data.get("digests")
+    if digests is None:
+        return
+    if not isinstance(digests, Mapping):
+        raise ValueError("the digests saved in the file are not a mapping: the file is damaged")
+    damaged = [k for k, t in state.items() if not _matches(t, digests.get(k))]
+    if len(damaged) == 1:
+        raise ValueError(
+            f"tensor {damaged[0]!r} does not match the digest saved with it: the file is damaged"
+        )
+    if damaged:
+        names = _first([repr(k) for k in damaged], 5)
+        raise ValueError(f"tensors {names} do not match the digests saved with them: the file is damaged")
+    lost = [k for k in digests if k not in state]
+    if lost:
+        raise ValueError(f"tensor {lost[0]!r} has a digest but is missing from the file: the file is damaged")
 
 
 def save_pruned(
@@ -204,17 +447,65 @@ def save_pruned(
     """Save ``model``'s tensors and pruning history to ``path`` (a path or a file object).
 
     ``history`` defaults to the history the pruner kept on the model. The file holds only a dict
-    of plain containers and tensors, so ``torch.load(path, weights_only=True)`` can read it.
+    of plain containers and tensors, so ``torch.load(path, weights_only=True)`` can read it; with
+    them, ``"digests"`` maps every state-dict key to its :func:`tensor_digest`, which
+    :func:`load_pruned` checks so that a damaged file is refused instead of loaded.
     Returns the saved dict.
     """
     hist = get_pruning_history(model) if history is None else history
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     payload = {
         "format": PRUNED_FORMAT,
         "history": _plain(list(hist)),
-        "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
+        "state_dict": state,
+        "digests": state_dict_digests(state),
     }
     torch.save(payload, path)
     return payload
+
+
+def _read_pruned(data: Any) -> tuple[list[Any], Mapping[str, Any]]:
+    """The history and state dict of a loaded file; ``ValueError`` when it is not one."""
+    history = None
+    if isinstance(data, Mapping):
+        history = data.get("history", data.get(CHECKPOINT_HISTORY_KEY))
+    if history is None or not isinstance(data.get("state_dict"), Mapping):
+        raise ValueError(
+            "not a pruned-model file written by save_pruned, nor a Lightning checkpoint of a pruned "
+            f"model (no 'state_dict' with 'history' / {CHECKPOINT_HISTORY_KEY!r} entries)"
+        )
+    fmt = data.get("format", PRUNED_FORMAT)
+    if fmt != PRUNED_FORMAT:
+        raise ValueError(f"unsupported pruned-model format {fmt!r} (expected {PRUNED_FORMAT!r})")
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"the file's pruning history is a {type(history).__name__}, not a list")
+    return list(history), data["state_dict"]
+
+
+def _misfit(model: nn.Module, state: Mapping[str, Any], strict: bool, error: Exception) -> str:
+    """Why ``state`` does not load into ``model``: the first few keys that differ, with shapes."""
+
+    def shape(t: Any) -> str:
+        return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    own = model.state_dict(keep_vars=True)
+    sizes = [
+        f"{k!r} {shape(v)} in the file, {shape(own[k])} in the model"
+        for k, v in state.items()
+        if k in own and shape(v) != shape(own[k])
+    ]
+    parts = [f"size mismatch for {_first(sizes, sep='; ')}"] if sizes else []
+    if strict:
+        missing = [f"{k!r} {shape(v)}" for k, v in own.items() if k not in state]
+        unexpected = [f"{k!r} {shape(v)}" for k, v in state.items() if k not in own]
+        parts += [f"missing from the file: {_first(missing)}"] if missing else []
+        parts += [f"not in the model: {_first(unexpected)}"] if unexpected else []
+    details = "; ".join(parts) or str(error).strip().splitlines()[-1].strip()
+    return (
+        f"load_pruned: the file's state dict does not fit this {type(model).__name__} once its pruning "
+        f"history is replayed (was it constructed with other arguments?): {details}. "
+        "The model was left unchanged"
+    )
 
 
 def load_pruned(
@@ -233,22 +524,49 @@ def load_pruned(
     ``"prune_callbacks_history"``) loads into a fresh instance of that module the same way.
     With ``example_inputs`` the replayed model is verified on them before the weights are loaded
     (see :func:`apply_pruning_history`). Returns ``model``.
+
+    Before ``model`` is touched: every tensor is checked against the digest saved with it (files
+    without digests, older ones and Lightning checkpoints, skip this), every history record is
+    checked (:func:`apply_pruning_history`), and a model that already has a pruning history must
+    have one the file's history starts with (only the rest is replayed); one pruned differently
+    is refused. Replay and weight loading are then one transaction: on any failure, a state dict
+    that does not fit the replayed model (a model constructed with other arguments) as much as a
+    ``KeyboardInterrupt``, ``model`` is put back exactly as it was (parameter objects, values,
+    buffers, attributes, history) and the error is raised (a ``ValueError`` for a misfit, saying
+    which keys and shapes differ).
+
+    How values are restored: the replay only swaps tensors, and a snapshot keeps the old ones by
+    reference. ``load_state_dict`` however writes into the model's tensors in place, so right
+    before it the values of the tensors the replay left in place (the unpruned ones, which the
+    snapshot shares) are copied; the new, pruned tensors need no copy since the snapshot does not
+    hold them. This keeps ``load_state_dict``'s own semantics (in-place copies, dtype and device of
+    the model, its hooks) at the cost of one temporary copy of the unpruned tensors at most.
     """
     if isinstance(path_or_dict, Mapping):
         data = path_or_dict
     else:
         data = torch.load(path_or_dict, map_location=map_location, weights_only=True)
-    history = None
-    if isinstance(data, Mapping):
-        history = data.get("history", data.get(CHECKPOINT_HISTORY_KEY))
-    if history is None or "state_dict" not in data:
+    history, state = _read_pruned(data)
+    _verify_digests(data, state)
+    current = _plain(get_pruning_history(model))
+    done = len(current)
+    if current != _plain(history[:done]):
         raise ValueError(
-            "not a pruned-model file written by save_pruned, nor a Lightning checkpoint of a pruned "
-            f"model (no 'state_dict' with 'history' / {CHECKPOINT_HISTORY_KEY!r} entries)"
+            f"load_pruned: the target {type(model).__name__} is pruned differently from the file (it "
+            f"has {done} pruning record(s) that the file's history does not start with); pass a "
+            "freshly constructed model"
         )
-    fmt = data.get("format", PRUNED_FORMAT)
-    if fmt != PRUNED_FORMAT:
-        raise ValueError(f"unsupported pruned-model format {fmt!r} (expected {PRUNED_FORMAT!r})")
-    apply_pruning_history(model, history, customized_pruners, example_inputs)
-    model.load_state_dict(data["state_dict"], strict=strict)
+    rest = history[done:]
+    _check_records(history, dict(model.named_modules()), dict(model.named_parameters()))
+    records = copy.deepcopy(rest)
+    check = ForwardCheck.of_dense(model, example_inputs) if example_inputs is not None and rest else None
+    table = _function_table(customized_pruners)
+    with _Transaction(model) as transaction:
+        _replay(model, rest, table, transaction, check)
+        transaction.protect_values()
+        try:
+            model.load_state_dict(state, strict=strict)
+        except RuntimeError as e:
+            raise ValueError(_misfit(model, state, strict, e)) from e
+        get_pruning_history(model, create=True).extend(records)
     return model
