@@ -631,3 +631,24 @@ def test_undone_prunes_leave_no_parameter_updates_for_the_optimizer():
     prune_optimizer_state(optimizer, updates)
     model(x).sum().backward()
     optimizer.step()
+
+
+def test_batch_norm_after_pooling_traces_on_a_batch_of_one():
+    """Batch norm in train mode cannot run on one sample per channel: the trace and the
+    verification run in eval mode then, and the model keeps its own modes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
+    ).train()
+    pruner, warned = prune(model, torch.randn(1, 3, 8, 8))
+    assert not warned and pruner.DG.verifier is not None and pruner.DG.verifier.eval_mode
+    assert all(m.training for m in model.modules())
+    assert (model[0].out_channels, model[4].out_features) == (8, 16)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)

@@ -167,7 +167,13 @@ class DependencyGraph:
         self.checker = GroupChecker(self.facts, model, self._names, self._kept_sides(trace.uncalled))
         self.verifier = (
             ForwardCheck(
-                model, example_inputs, trace.output_shapes, trace.on_meta, forward_fn, output_transform
+                model,
+                example_inputs,
+                trace.output_shapes,
+                trace.on_meta,
+                forward_fn,
+                output_transform,
+                trace.eval_mode,
             )
             if verify
             else None

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,21 @@ def input_list(example_inputs: Any) -> list[Any]:
             raise ValueError("MultipleInputs needs at least one example input")
         return list(example_inputs)
     return [example_inputs]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, active: bool = True) -> Iterator[None]:
+    """Put ``model`` in eval mode (with ``active``), then give every submodule its own mode back."""
+    if not active:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -523,7 +538,8 @@ def _input_stand_in(t: torch.Tensor) -> torch.Tensor:
 class Trace:
     """What the tracer found: the nodes, the module and parameter nodes by identity, the
     autograd op names it did not recognise, whether it ran on meta tensors, the shapes of the
-    output tensors per example input, and the layers with parameters that never ran."""
+    output tensors per example input, the layers with parameters that never ran, and whether the
+    model had to be traced in eval mode."""
 
     nodes: list[Node]
     module_nodes: dict[nn.Module, Node]
@@ -532,6 +548,7 @@ class Trace:
     on_meta: bool
     output_shapes: list[list[tuple[int, ...]]]
     uncalled: list[nn.Module]
+    eval_mode: bool = False
 
 
 def leaf_modules(
@@ -570,13 +587,19 @@ def trace_model(
     # memory) and fall back to real values only for models whose control flow reads them.
     # Size tracking hands the model int subclasses and a tuple for ``x.shape``: a model that
     # insists on a real torch.Size is traced again without it.
+    # A model that cannot run in its current mode on the example inputs (batch norm in train mode
+    # on a batch of one) is traced in eval mode, its own modes restored afterwards.
     args = (model, example_inputs, forward_fn, output_transform, unwrapped_parameters, leaves)
     error: Exception | None = None
-    for meta, track_sizes in ((True, True), (False, True), (True, False), (False, False)):
-        try:
-            return _trace(*args, meta=meta, track_sizes=track_sizes)
-        except Exception as e:  # noqa: BLE001 - the next way of tracing may work
-            error = e
+    for in_eval in (False, True):
+        for meta, track_sizes in ((True, True), (False, True), (True, False), (False, False)):
+            try:
+                with eval_mode(model, in_eval):
+                    trace = _trace(*args, meta=meta, track_sizes=track_sizes)
+                trace.eval_mode = in_eval
+                return trace
+            except Exception as e:  # noqa: BLE001 - the next way of tracing may work
+                error = error if in_eval and error is not None else e
     assert error is not None
     raise error
 
@@ -663,13 +686,15 @@ def output_shapes(
     forward_fn: Callable | None = None,
     output_transform: Callable | None = None,
     meta: bool = True,
+    in_eval: bool = False,
 ) -> list[list[tuple[int, ...]]]:
     """The shapes of the model's output tensors on each example input, computed without touching
     the model's state: on meta stand-ins (no arithmetic, no activation memory) with ``meta``, else
-    on copies of its tensors without autograd. Raises whatever the model raises."""
+    on copies of its tensors without autograd; in eval mode with ``in_eval`` (modes restored).
+    Raises whatever the model raises."""
     stand_in = _stand_ins(model, meta)
     runs = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(model, in_eval):
         for example in input_list(example_inputs):
             inputs = map_tensors(
                 example, (lambda t: torch.empty_like(t, device="meta")) if meta else (lambda t: t.detach())

@@ -47,12 +47,14 @@ class ForwardCheck:
     """Runs a model on its example inputs and compares the output shapes with the dense ones.
 
     Fields: ``model``, ``example_inputs``, ``forward_fn``, ``output_transform``, ``meta``
-    (whether it runs on meta tensors), ``expected`` (output shapes per example input, as traced),
+    (whether it runs on meta tensors), ``eval_mode`` (whether it runs the model in eval mode, as
+    the trace had to), ``expected`` (output shapes per example input, as traced),
     and ``runs`` / ``seconds`` (how many checks ran and how long they took in all: the cost of
     verification, for benchmarks).
     """
 
     __slots__ = (
+        "eval_mode",
         "example_inputs",
         "expected",
         "forward_fn",
@@ -71,8 +73,10 @@ class ForwardCheck:
         meta: bool,
         forward_fn: Callable | None = None,
         output_transform: Callable | None = None,
+        eval_mode: bool = False,
     ) -> None:
         self.model = model
+        self.eval_mode = eval_mode
         self.example_inputs = example_inputs
         self.expected = expected
         self.meta = meta
@@ -90,16 +94,21 @@ class ForwardCheck:
         output_transform: Callable | None = None,
     ) -> ForwardCheck:
         """A check against the model as it is now (its output shapes measured on meta tensors,
-        or on real values when the model cannot run on meta)."""
-        for meta in (True, False):
-            try:
-                expected = output_shapes(model, example_inputs, forward_fn, output_transform, meta)
-            except Exception:  # noqa: BLE001 - meta first, real values next
-                if not meta:
-                    raise
-                continue
-            return cls(model, example_inputs, expected, meta, forward_fn, output_transform)
-        raise AssertionError("unreachable")
+        or on real values when the model cannot run on meta; in eval mode when it cannot run in
+        its own)."""
+        error: Exception | None = None
+        for in_eval in (False, True):
+            for meta in (True, False):
+                try:
+                    expected = output_shapes(
+                        model, example_inputs, forward_fn, output_transform, meta, in_eval
+                    )
+                except Exception as e:  # noqa: BLE001 - meta first, real values next, eval mode last
+                    error = error or e
+                    continue
+                return cls(model, example_inputs, expected, meta, forward_fn, output_transform, in_eval)
+        assert error is not None
+        raise error
 
     def problem(self) -> str | None:
         """What is wrong with the model now (its forward raises, or an output changed shape), or
@@ -107,7 +116,12 @@ class ForwardCheck:
         start = time.perf_counter()
         try:
             got = output_shapes(
-                self.model, self.example_inputs, self.forward_fn, self.output_transform, self.meta
+                self.model,
+                self.example_inputs,
+                self.forward_fn,
+                self.output_transform,
+                self.meta,
+                self.eval_mode,
             )
         except Exception as e:  # noqa: BLE001 - any failure of the user's forward is the finding
             text = " ".join(str(e).split()) or "(no message)"

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..graph.tracing import call_model, input_list
+from ..graph.tracing import call_model, eval_mode, input_list
 
 __all__ = [
     "call_model",
@@ -52,14 +52,8 @@ def eval_no_grad(model: nn.Module) -> Iterator[None]:
 
     Every measurement runs inside it, so measuring never changes a model that is being trained.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def count_macs_and_params(
