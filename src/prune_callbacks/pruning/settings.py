@@ -153,6 +153,8 @@ class PruningSettings:
             (``None``: the whole pruning epoch).
         log_group_widths: log ``prune/width/<group>`` at every prune.
         verbose: report the dense cost at fit start and the pruning table at fit end.
+        hold_early_stopping: keep training (and so early stopping such as Lightning's
+            ``EarlyStopping`` from ending it) at least until the epoch of the last prune.
     """
 
     importance: Any = "taylor"
@@ -174,6 +176,7 @@ class PruningSettings:
     importance_batches: Optional[int] = None
     log_group_widths: bool = True
     verbose: bool = True
+    hold_early_stopping: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -301,6 +304,7 @@ class PruningSettings:
         self.head_pruning_ratio = _fraction("head_pruning_ratio", self.head_pruning_ratio)
         self.log_group_widths = _flag("log_group_widths", self.log_group_widths)
         self.verbose = _flag("verbose", self.verbose)
+        self.hold_early_stopping = _flag("hold_early_stopping", self.hold_early_stopping)
         if self.importance_batches is not None:
             self.importance_batches = _count("importance_batches", self.importance_batches, 1, 20)
         self._validate_layers()

@@ -157,6 +157,10 @@ class StructuredPruning(Callback):
             Only gradient criteria use them; no statistics are gathered in other epochs.
         log_group_widths: also log ``prune/width/<group>`` (channels kept) for every group.
         verbose: print the dense cost at fit start and the summary table at fit end.
+        hold_early_stopping: keep ``Trainer.fit`` going at least until the epoch of the last
+            prune (through the fit loop's ``min_epochs``, restored at fit end), so that
+            ``EarlyStopping`` cannot end it before the schedule is done. Without it, a run that
+            stops early warns at fit end which prunes did not run and what the model reached.
         pruner_kwargs: the Pruner's arguments that are not pruning settings
             (``unwrapped_parameters``, ``customized_pruners``, ``forward_fn``, ``output_transform``,
             ``root_module_types``, ``fast_subsets``).
@@ -191,6 +195,7 @@ class StructuredPruning(Callback):
         verbose: bool = True,
         pruner_kwargs: Mapping[str, Any] | None = None,
         iterative_steps: int | None = None,
+        hold_early_stopping: bool = False,
         *,
         settings: PruningSettings | None = None,
     ) -> None:
@@ -217,6 +222,7 @@ class StructuredPruning(Callback):
             "importance_batches": importance_batches,
             "log_group_widths": log_group_widths,
             "verbose": verbose,
+            "hold_early_stopping": hold_early_stopping,
         }
         self.settings: PruningSettings = PruningSettings.merged(settings, given)
         self.pruner_kwargs: dict[str, Any] = self._pruner_kwargs(pruner_kwargs)
@@ -226,6 +232,7 @@ class StructuredPruning(Callback):
         self.example_inputs: Any = None
         self.records: list[dict[str, Any]] = []
         self.steps_done = 0
+        self._min_epochs: tuple[Any, int | None] | None = None  # (fit loop, its min_epochs) held
         self.dense_macs: int | None = None
         self.dense_params: int | None = None
         self._dense_widths: dict[str, dict[str, Any]] = {}
@@ -354,6 +361,10 @@ class StructuredPruning(Callback):
                 f"StructuredPruning: training stops after epoch {max_epochs - 1} but pruning is scheduled "
                 f"after epochs {epochs}; the last steps will not run (raise max_epochs)"
             )
+        if self.settings.hold_early_stopping:
+            loop = trainer.fit_loop
+            self._min_epochs = (loop, loop.min_epochs)
+            loop.min_epochs = max(loop.min_epochs or 0, epochs[-1] + 1)
         if self.pruner is not None and self._module_ref is not None and self._module_ref() is pl_module:
             return
         self.pruner = None
@@ -407,7 +418,24 @@ class StructuredPruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Print the summary table."""
+        """Warn when fit ended before the schedule did; print the summary table; give the fit
+        loop back its own ``min_epochs``."""
+        if self._min_epochs is not None:
+            loop, min_epochs = self._min_epochs
+            loop.min_epochs = min_epochs
+            self._min_epochs = None
+        epochs = self.prune_epochs
+        if self.steps_done < len(epochs):
+            reached = self.records[-1]["speedup"] if self.records else 1.0
+            goal = self.settings.target_speedup
+            target = f"target_speedup={goal}" if goal is not None else f"pruning_ratio={self.settings.ratio}"
+            rank_zero_warn(
+                f"StructuredPruning: training ended after epoch {trainer.current_epoch} with "
+                f"{self.steps_done} of {len(epochs)} scheduled prunes done (after epochs {epochs}); "
+                f"the model has {reached:.2f}x fewer MACs than dense, short of {target}. An early "
+                "stop (EarlyStopping, max_steps, max_time) ended fit first: pass "
+                "hold_early_stopping=True to train at least until the last prune"
+            )
         if self.settings.verbose and self.records:
             rank_zero_info(format_summary(self.records))
 
