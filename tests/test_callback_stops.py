@@ -51,3 +51,52 @@ def test_hold_early_stopping_runs_the_whole_schedule(tmp_path) -> None:
     assert trainer.current_epoch == 5  # stopped right after the last pruning epoch (4)
     assert not trainer.fit_loop.min_epochs  # the loop's own setting is back
     assert torch.isfinite(prune.records[-1]["speedup"] * torch.ones(1)).all()
+
+
+def test_interrupt_during_a_prune_in_fit_leaves_a_loadable_checkpoint(tmp_path) -> None:
+    """Ctrl-C while the callback prunes: the prune is rolled back before Lightning's exception
+    checkpoint is written, so the checkpoint's weights and history agree; it loads into a fresh
+    module and training resumes from it."""
+    import signal
+
+    import pytest
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    from prune_callbacks import load_pruned
+    from prune_callbacks.layers import PruningFunction
+
+    module = LitNet()
+    prune = StructuredPruning("l2", pruning_ratio=0.5, epochs=[0, 1], verbose=False)
+    on_exception = OnExceptionCheckpoint(dirpath=tmp_path, filename="interrupted")
+    trainer = cpu_trainer(tmp_path, [prune, on_exception], max_epochs=3, enable_checkpointing=True)
+    real = PruningFunction.__call__
+    calls = [0]
+
+    def interrupted(self: PruningFunction, *args: Any, **kwargs: Any) -> Any:
+        out = real(self, *args, **kwargs)
+        calls[0] += 1
+        if prune.steps_done == 1 and calls[0] > 0:  # halfway through the second prune
+            raise KeyboardInterrupt
+        return out
+
+    handler = signal.getsignal(signal.SIGINT)
+    PruningFunction.__call__ = interrupted  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings(), pytest.raises(SystemExit):
+            warnings.simplefilter("ignore")
+            trainer.fit(module, random_loader())
+    finally:
+        PruningFunction.__call__ = real  # type: ignore[method-assign]
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C after an interrupt
+    assert prune.steps_done == 1
+    width = module.model.conv1.out_channels
+    path = tmp_path / "interrupted.ckpt"
+    fresh = load_pruned(LitNet(), path)  # weights and history agree: strict load works
+    assert fresh.model.conv1.out_channels == width
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fresh(x), module(x))
+    resumed = StructuredPruning("l2", pruning_ratio=0.5, epochs=[0, 1], verbose=False)
+    cpu_trainer(tmp_path / "resume", [resumed], max_epochs=3, enable_checkpointing=True).fit(
+        LitNet(), random_loader(), ckpt_path=str(path)
+    )
+    assert resumed.steps_done == 2
