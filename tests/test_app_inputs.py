@@ -56,6 +56,14 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def app_error(args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """Run the app as the command line would, expecting a configuration error before anything is
     written to ``out``; return the error line (the only line on stderr)."""
+    err = run_app_error(args, out, capsys)
+    assert not out.exists()  # nothing was built: no output directory, no resolved config, no logs
+    return err
+
+
+def run_app_error(args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the app with ``args`` and output directory ``out``, expecting it to exit with the
+    app's one-line error (exit code 2, no traceback); return that line."""
     capsys.readouterr()
     GlobalHydra.instance().clear()
     argv = sys.argv
@@ -70,7 +78,6 @@ def app_error(args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "\n" not in err, err
     assert err.startswith("error: ")
-    assert not out.exists()  # nothing was built: no output directory, no resolved config, no logs
     return err
 
 
@@ -289,18 +296,6 @@ def test_a_split_the_data_module_refuses_is_one_line(
 ) -> None:
     """A value inside the rule's range that the data module still refuses when it loads (2 validation
     images for 10 classes) stops the run in one line too, before training."""
-    capsys.readouterr()
-    GlobalHydra.instance().clear()
-    argv = sys.argv
-    sys.argv = ["prune-train", "logger=none", f"output_dir={tmp_path / 'out'}", "data.val_fraction=0.001"]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            train.main()
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
+    err = run_app_error(["data.val_fraction=0.001"], tmp_path / "out", capsys)
     assert err.startswith("error: data: DigitsDataModule could not load its data: The test_size = 2 should")
     assert not (tmp_path / "out" / "config_resolved.yaml").exists()
