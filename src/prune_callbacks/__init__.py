@@ -45,6 +45,7 @@ __all__ = [
     "get_importance",
     # Lightning (imported on first use)
     "StructuredPruning",
+    "PrunedCheckpoints",
     "pruned_from_checkpoint",
     # the dependency graph
     "DependencyGraph",
@@ -70,16 +71,16 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY = ("StructuredPruning", "pruned_from_checkpoint")
+_LAZY = ("StructuredPruning", "pruned_from_checkpoint", "PrunedCheckpoints")
 
 
 def __getattr__(name: str) -> object:
     """The Lightning callback is imported on first use, so the graph core and the Pruner work
     (and import quickly) without Lightning."""
     if name in _LAZY:
-        from .integrations.lightning import callback
+        from .integrations import lightning
 
-        return getattr(callback, name)
+        return getattr(lightning, name)
     raise AttributeError(f"module 'prune_callbacks' has no attribute {name!r}")
 
 

@@ -2,6 +2,7 @@
 
 Modules: :mod:`.callback` (the callback: settings, hooks, pruning steps); :mod:`.checkpoint` (the
 history stored once per checkpoint, the module hooks that replay it, ``pruned_from_checkpoint``);
+:mod:`.module` (the :class:`PrunedCheckpoints` mixin: pruned checkpoints load the Lightning way);
 :mod:`.ddp` (supported strategies, rank 0's scores, the DDP wrapper rebuild); :mod:`.records` (group
 widths and the record of each pruning step); :mod:`.loggers` (metrics to the Trainer's loggers);
 :mod:`.wandb_logging` (W&B table and chart, imported only with a ``WandbLogger``); :mod:`.summary`
@@ -9,5 +10,6 @@ widths and the record of each pruning step); :mod:`.loggers` (metrics to the Tra
 """
 
 from .callback import HISTORY_KEY, StructuredPruning, pruned_from_checkpoint
+from .module import PrunedCheckpoints
 
-__all__ = ["HISTORY_KEY", "StructuredPruning", "pruned_from_checkpoint"]
+__all__ = ["HISTORY_KEY", "PrunedCheckpoints", "StructuredPruning", "pruned_from_checkpoint"]
