@@ -348,8 +348,17 @@ class StructuredPruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the checkpoint hooks installed in :meth:`setup`."""
+        """Remove the checkpoint hooks installed in :meth:`setup`; give the fit loop back its
+        ``min_epochs`` if a fit ended without reaching :meth:`on_fit_end` (an exception)."""
         detach_checkpoint_hooks(pl_module, self)
+        self._release_min_epochs()
+
+    def _release_min_epochs(self) -> None:
+        """Undo :attr:`~PruningSettings.hold_early_stopping`'s ``min_epochs`` (once)."""
+        if self._min_epochs is not None:
+            loop, min_epochs = self._min_epochs
+            loop.min_epochs = min_epochs
+            self._min_epochs = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -420,10 +429,7 @@ class StructuredPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Warn when fit ended before the schedule did; print the summary table; give the fit
         loop back its own ``min_epochs``."""
-        if self._min_epochs is not None:
-            loop, min_epochs = self._min_epochs
-            loop.min_epochs = min_epochs
-            self._min_epochs = None
+        self._release_min_epochs()
         epochs = self.prune_epochs
         if self.steps_done < len(epochs):
             reached = self.records[-1]["speedup"] if self.records else 1.0
