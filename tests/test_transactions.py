@@ -310,3 +310,21 @@ def test_fault_at_every_record_of_a_replay(kind: str, exc: type[BaseException], 
     with track_parameter_updates() as updates:
         apply_pruning_history(model, history)
     check_training_goes_on(model, opt, updates)
+
+
+def test_a_module_snapshot_keeps_the_config_it_holds() -> None:
+    """A prune may update sizes on a config shared by modules (``module.config``); rolling back a
+    step or a replay puts it back with the model."""
+    from types import SimpleNamespace
+
+    from prune_callbacks.pruning.history import ModelTransaction
+
+    config = SimpleNamespace(num_heads=4, head_dim=8)
+    model = FaultNet()
+    model.m.config = config
+    with pytest.raises(KeyboardInterrupt), ModelTransaction(model):
+        config.num_heads = 2
+        del config.head_dim
+        config.extra = 1
+        raise KeyboardInterrupt
+    assert vars(config) == {"num_heads": 4, "head_dim": 8}

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import index_mapping as im
 from . import propagation
-from .dependency import AttributeUpdate
+from .dependency import SHARED_HOLDER_ATTR, AttributeUpdate
 from .facts import head_split_shape
 from .index_mapping import RootMap
 from .node import Edge, Node
@@ -52,8 +52,6 @@ SIZE_ATTRS = (
     "proj_size",
 )
 
-#: Attribute through which modules hold a shared object whose sizes a prune may update.
-SHARED_HOLDER_ATTR = "config"
 
 
 def attribute_edges(edges: Iterable[Edge]) -> list[Edge]:

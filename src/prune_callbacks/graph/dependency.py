@@ -163,10 +163,15 @@ def snapshot(targets: Sequence[Any]) -> Callable[[], None]:
 
 _MODULE_STATE = ("_parameters", "_buffers", "_modules")
 
+#: Attribute through which modules hold a shared object whose sizes a prune may update (a
+#: Hugging Face ``config``): a snapshot of a module keeps that object too.
+SHARED_HOLDER_ATTR = "config"
+
 
 class Snapshot:
     """What :func:`snapshot` keeps: per parameter its tensor and gradient, per module (and
-    submodule) its plain attributes, parameters and buffers, per other object its attributes."""
+    submodule) its plain attributes, parameters and buffers and the config it holds, per other
+    object its attributes."""
 
     __slots__ = ("params", "modules", "objects", "seen")
 
@@ -191,6 +196,9 @@ class Snapshot:
                 for p in sub._parameters.values():
                     if p is not None:
                         self._keep_param(p)
+                shared = plain.get(SHARED_HOLDER_ATTR)
+                if shared is not None and not isinstance(shared, type) and not callable(shared):
+                    self.keep(shared)  # a config whose sizes a prune may update
         elif hasattr(target, "__dict__"):
             self.objects.append((target, dict(vars(target))))
 
@@ -198,6 +206,12 @@ class Snapshot:
         if id(p) not in self.seen:
             self.seen.add(id(p))
             self.params.append((p, p.data, p.grad))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The parameter values and buffers kept (the tensors as they were)."""
+        kept = [data for _p, data, _grad in self.params]
+        kept += [b for *_rest, buffers in self.modules for b in buffers.values() if b is not None]
+        return kept
 
     def restore(self) -> None:
         """Put everything back as it was when it was kept."""
@@ -227,6 +241,7 @@ __all__ = [
     "GroupItem",
     "VerificationError",
     "PruningError",
+    "SHARED_HOLDER_ATTR",
     "Snapshot",
     "snapshot",
 ]

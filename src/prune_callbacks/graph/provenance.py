@@ -11,7 +11,7 @@ a model that fails on its next forward).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .attributes import pruned_shape
 from .dependency import Group
@@ -61,18 +61,18 @@ def derived_size_problem(group: Group, readers: Mapping[Edge, list[Node]]) -> st
     return None
 
 
-def _node_problem(node: Node, new_shape: object) -> str | None:
+def _node_problem(node: Node, new_shape: Callable[[Edge], tuple[int, ...]]) -> str | None:
     """The first size argument of ``node`` whose new value disagrees with its output's new shape."""
     out = next((e for e in node.out_edges if e.src_pos == 0), None)
     if out is None:
         return None
-    want = new_shape(out)  # type: ignore[operator]
+    want = new_shape(out)
     sizes = node.attrs.get("size_args") or []
     if len(sizes) != len(want):
         return None  # sizes and dims do not line up one to one (-1 and the like)
     for k, expr in node.attrs["size_exprs"]:
         old = evaluate_size(expr, lambda e, d: e.shape[d] if e is not None else None)
-        new = evaluate_size(expr, lambda e, d: new_shape(e)[d] if e is not None else None)  # type: ignore[operator]
+        new = evaluate_size(expr, lambda e, d: new_shape(e)[d] if e is not None else None)
         if new is None or new == old or want[k] == new:
             continue
         where = f" in {node.owner_name}" if node.owner_name else ""

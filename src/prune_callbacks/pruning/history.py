@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..graph.attributes import SHARED_HOLDER_ATTR
-from ..graph.dependency import snapshot
+from ..graph.dependency import Snapshot
 from ..graph.verify import ForwardCheck
 from ..layers import (
     LayerPruner,
@@ -55,6 +55,7 @@ from ..layers import (
 __all__ = [
     "CHECKPOINT_HISTORY_KEY",
     "HISTORY_ATTRIBUTE",
+    "ModelTransaction",
     "PRUNED_FORMAT",
     "apply_pruning_history",
     "get_pruning_history",
@@ -244,41 +245,33 @@ def _storage_key(t: torch.Tensor) -> tuple[torch.device, int] | None:
     return (t.device, ptr) if ptr else None
 
 
-class _Transaction:
+class ModelTransaction:
     """Puts a model back exactly as it was when a change to it fails, whatever the failure
     (``KeyboardInterrupt`` included: it is a context manager that rolls back on any exception).
 
-    It keeps a :func:`snapshot` of the model (its tensors, parameters and attributes, by
-    reference), one of every plain config object a replay changes (:meth:`hold`), the length of
-    the model's history and of the optimizer's update log, and, after :meth:`protect_values`, copies
-    of the values that an in-place ``load_state_dict`` would overwrite in tensors the snapshot holds.
+    It keeps a :class:`~prune_callbacks.graph.dependency.Snapshot` of the model (its tensors,
+    parameters, attributes and the configs its modules hold, by reference), the length of the
+    model's history and of the parameter-update log of ``track_parameter_updates``, and, after
+    :meth:`protect_values`, copies of the values that an in-place ``load_state_dict`` would
+    overwrite in tensors the snapshot holds. History replay, ``load_pruned`` and
+    ``Pruner.step`` are such transactions.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.restores = [snapshot([model])]
-        self.held: set[int] = set()
+        self.saved = Snapshot()
+        self.saved.keep(model)
         self.history_length = len(get_pruning_history(model))
         self.log = recorded_updates()
         self.mark = len(self.log) if self.log is not None else 0
-        # the storages the snapshot keeps: a replay swaps tensors, so any tensor found on one of
-        # these later is one whose values an in-place write would change for the snapshot too
-        tensors = [*model.parameters(), *model.buffers()]
-        self.storages = {key for key in map(_storage_key, tensors) if key is not None}
         self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def __enter__(self) -> _Transaction:
+    def __enter__(self) -> ModelTransaction:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if kind is not None:
             self.rollback()
-
-    def hold(self, obj: Any) -> None:
-        """Also restore ``obj`` (a config shared by modules, outside the model's snapshot)."""
-        if not isinstance(obj, nn.Module) and id(obj) not in self.held:
-            self.held.add(id(obj))
-            self.restores.append(snapshot([obj]))
 
     def protect_values(self) -> None:
         """Copy the current values of the model's state tensors that the snapshot also holds.
@@ -289,19 +282,21 @@ class _Transaction:
         ones, untouched, so they need no copy. The copies take at most the memory of the unpruned
         tensors and live only until the transaction ends.
         """
+        # the storages the snapshot keeps: a replay swaps tensors, so any tensor found on one of
+        # them now is one whose values an in-place write would change for the snapshot too
+        storages = {key for key in map(_storage_key, self.saved.tensors()) if key is not None}
         seen: set[int] = set()
         for t in self.model.state_dict(keep_vars=True).values():
             if not isinstance(t, torch.Tensor) or id(t) in seen or t.numel() == 0:
                 continue
             seen.add(id(t))
             key = _storage_key(t)
-            if key is None or key in self.storages:
+            if key is None or key in storages:
                 self.values.append((t, t.detach().clone()))
 
     def rollback(self) -> None:
-        """Put the model (values, tensors, attributes, history) and the held objects back."""
-        for restore in self.restores:
-            restore()
+        """Put the model (values, tensors, attributes, configs, history) and the update log back."""
+        self.saved.restore()
         with torch.no_grad():
             for t, value in self.values:
                 t.copy_(value)
@@ -314,10 +309,10 @@ def _replay(
     model: nn.Module,
     history: Sequence[Mapping[str, Any]],
     table: Mapping[str, PruningFunction],
-    transaction: _Transaction,
     check: ForwardCheck | None,
 ) -> None:
-    """Apply ``history`` (already checked) to ``model`` inside ``transaction``; see
+    """Apply ``history`` (already checked) to ``model``, inside a :class:`ModelTransaction` (a
+    config the records change is one the model's snapshot holds); see
     :func:`apply_pruning_history`."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -341,7 +336,6 @@ def _replay(
                     raise ValueError(f"pruning history record {r}: {where} failed: {e}") from e
         for attr in record.get("attributes", []):
             holder = _lookup(model, attr["module"], modules, params)
-            transaction.hold(holder)  # a shared config: restored on failure too
             new = attr["new"]
             if isinstance(getattr(holder, attr["attr"], None), tuple) and isinstance(new, list):
                 new = tuple(new)
@@ -375,8 +369,8 @@ def apply_pruning_history(
     records = copy.deepcopy([dict(h) for h in history])
     check = ForwardCheck.of_dense(model, example_inputs) if example_inputs is not None else None
     table = _function_table(customized_pruners)
-    with _Transaction(model) as transaction:
-        _replay(model, history, table, transaction, check)
+    with ModelTransaction(model):
+        _replay(model, history, table, check)
         get_pruning_history(model, create=True).extend(records)
     return model
 
@@ -561,8 +555,8 @@ def load_pruned(
     records = copy.deepcopy(rest)
     check = ForwardCheck.of_dense(model, example_inputs) if example_inputs is not None and rest else None
     table = _function_table(customized_pruners)
-    with _Transaction(model) as transaction:
-        _replay(model, rest, table, transaction, check)
+    with ModelTransaction(model) as transaction:
+        _replay(model, rest, table, check)
         transaction.protect_values()
         try:
             model.load_state_dict(state, strict=strict)

@@ -34,12 +34,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..graph.apply import recorded_shapes
-from ..graph.dependency import Group, snapshot
+from ..graph.dependency import Group
 from ..graph.dependency_graph import DEFAULT_ROOT_TYPES, DependencyGraph, gc_paused
-from ..layers import recorded_updates
 from ..measure.flops import count_macs_and_params
 from .budget import MacBudget
-from .history import get_pruning_history
+from .history import ModelTransaction, get_pruning_history
 from .importance import (
     GradientImportance,
     GroupIndexCache,
@@ -366,26 +365,17 @@ class Pruner:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """Make a step all or nothing: on any exception leaving it (``KeyboardInterrupt``
-        included) the model (parameters by identity, their values and grads, buffers,
-        attributes), the graph's recorded shapes, the pruning history, the parameter-update log
-        of :func:`~prune_callbacks.layers.track_parameter_updates` and the schedule's position
-        are put back as they were before the step. Each prune inside is a transaction of its
-        own; this covers a step that prunes several times (groups one by one, speedup rounds)."""
-        restore_model = snapshot([self.model])
+        included) the model and its history (a :class:`~.history.ModelTransaction`), the graph's
+        recorded shapes and the schedule's position are put back as they were before the step.
+        Each prune inside is a transaction of its own; this covers a step that prunes several
+        times (groups one by one, speedup rounds)."""
         undo_shapes = recorded_shapes(e for node in self.DG.nodes for e in node.out_edges)
-        history = self.DG.pruning_history
-        n_records = len(history)
-        log = recorded_updates()
-        mark = len(log) if log is not None else 0
         state = (self.current_step, dict(self.refused), self.dense_macs, self.last_macs)
         try:
-            yield
+            with ModelTransaction(self.model):
+                yield
         except BaseException:
-            restore_model()
             undo_shapes()
-            del history[n_records:]
-            if log is not None:
-                del log[mark:]
             self.current_step, refused, self.dense_macs, self.last_macs = state
             self.refused.clear()
             self.refused.update(refused)

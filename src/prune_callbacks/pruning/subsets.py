@@ -230,12 +230,15 @@ class SubsetGroups:
         if self.fast:
             try:
                 merged = self.merged(plan)
-                problem = self.graph.size_problem(merged)
-                if problem is not None:  # found before cutting: isolate the groups by probes
-                    raise VerificationError(problem, problem)
-                merged.prune()
-                return refused
+                broken = self.graph.size_problem(merged) is not None  # found before cutting
+                if not broken:
+                    merged.prune()
+                    return refused
             except VerificationError:
+                broken = True
+            except (ValueError, PruningError):
+                broken = False  # refused or failed, nothing changed: one group at a time
+            if broken:
                 refused = self.isolate(plan)
                 bad = {id(g) for g, _ in refused}
                 plan = [(g, p) for g, p in plan if id(g) not in bad]
@@ -247,8 +250,6 @@ class SubsetGroups:
                     return refused
                 except (ValueError, PruningError):
                     pass  # nothing was changed: one group at a time
-            except (ValueError, PruningError):
-                pass  # nothing was changed: fall back to one group at a time
         for group, positions in plan:
             root = group.root.dep
             try:
