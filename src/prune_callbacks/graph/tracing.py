@@ -1003,7 +1003,12 @@ class _GraphBuilder:
 
 
 class _Runner(nn.Module):
-    """Wraps the model so that ``functional_call`` can run a user ``forward_fn`` on stand-ins."""
+    """Wraps the model so that ``functional_call`` can run a user ``forward_fn`` on stand-ins.
+
+    ``torch.compile``d submodules run eagerly here (``set_stance("force_eager")``): under the
+    trace's torch-function modes and on stand-in tensors dynamo would not compile them anyway, and
+    a frame it refuses while a mode is active is marked to be skipped for good, so the user's
+    compiled code would run eagerly ever after."""
 
     def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any], inputs: Any) -> None:
         super().__init__()
@@ -1011,7 +1016,17 @@ class _Runner(nn.Module):
         self._fn, self._inputs = fn, inputs
 
     def forward(self) -> Any:
-        return self._fn(self.model, self._inputs)
+        with eager_compiled_code():
+            return self._fn(self.model, self._inputs)
+
+
+def eager_compiled_code() -> contextlib.AbstractContextManager:
+    """Run ``torch.compile``d code eagerly inside (``torch.compiler.set_stance("force_eager")``,
+    where torch has it: 2.6 and later). Every run of the model under a torch-function or dispatch
+    mode (the trace, FLOP counting) goes through it: dynamo would refuse such a frame and mark it
+    to be skipped for good, leaving the user's compiled module eager ever after."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _leaf_type(module: nn.Module, pruner: LayerPruner) -> OpType:

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..graph.tracing import call_model, eval_mode, input_list
+from ..graph.tracing import call_model, eager_compiled_code, eval_mode, input_list
 
 __all__ = [
     "call_model",
@@ -70,7 +70,7 @@ def count_macs_and_params(
     example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
     counter = FlopCounterMode(display=False)
-    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
+    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), eager_compiled_code(), counter:
         run(model, example_inputs)
     return int(counter.get_total_flops()) // 2, count_params(model)
 
@@ -84,7 +84,7 @@ def count_module_macs(
     example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
     counter = FlopCounterMode(display=False)
-    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), counter:
+    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), eager_compiled_code(), counter:
         run(model, example_inputs)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
