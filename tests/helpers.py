@@ -282,3 +282,9 @@ def cpu_trainer(root: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
     )
     opts.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the epoch's last training batch: a probe callback listed before
+    ``StructuredPruning`` sees the model there right before the epoch's prune."""
+    return batch_idx + 1 == trainer.num_training_batches

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import LitNet, TinyCNN
+from helpers import LitNet, TinyCNN, last_batch
 from helpers import cpu_trainer as _trainer
 from helpers import random_loader as _data
 from prune_callbacks.integrations.lightning.callback import (
@@ -134,9 +134,10 @@ def test_summary_is_printed_at_fit_end(tmp_path: Path, caplog: pytest.LogCapture
 def test_no_gradients_gathered_outside_pruning_epochs(tmp_path: Path) -> None:
     seen: list[int] = []
 
-    class Probe(pl.Callback):
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            seen.append(cb.importance.num_batches)
+    class Probe(pl.Callback):  # runs before the pruning callback, which prunes after the last batch
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if last_batch(trainer, args[-1]):
+                seen.append(cb.importance.num_batches)
 
     cb = StructuredPruning("taylor", pruning_ratio=0.25, epochs=[1], importance_batches=2, verbose=False)
     _trainer(tmp_path, [Probe(), cb], max_epochs=2).fit(LitNet(), _data(n=96))
@@ -148,7 +149,8 @@ def test_no_gradients_gathered_outside_pruning_epochs(tmp_path: Path) -> None:
 
 
 class OptimizerProbe(pl.Callback):
-    """Copies every parameter's optimizer state right before the prune of epoch 0, then reads the
+    """Copies every parameter's optimizer state right before the prune of epoch 0 (at the end of
+    its last batch, before the pruning callback's hook), then reads the
     state back at the start of epoch 1 (no optimizer step in between). ``bn1.weight``'s state is
     also tagged as ``3 * param + 1``, so after the prune it must still be ``3 * param + 1``."""
 
@@ -158,8 +160,8 @@ class OptimizerProbe(pl.Callback):
         self.after: dict[str, dict[str, torch.Tensor]] = {}
         self.optimizer_ids: list[int] = []
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch != 0:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.current_epoch != 0 or not last_batch(trainer, args[-1]):
             return
         opt = trainer.optimizers[0]
         self.optimizer_ids.append(id(opt))
@@ -238,8 +240,8 @@ def test_importance_uses_final_unscaled_unclipped_gradients_bf16_accumulation(tm
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
             if trainer.global_step == 1 and "clipped" not in captured:
                 captured["clipped"] = pl_module.model.conv1.weight.grad.clone()
-
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if not last_batch(trainer, args[-1]):
+                return
             group = next(g for g in cb.pruner.groups if g.root.dep.target.module is pl_module.model.conv1)
             captured["scores"] = cb.importance(group)
             captured["num_batches"] = cb.importance.num_batches
@@ -308,7 +310,9 @@ def test_callback_state_round_trips_gradient_statistics(tmp_path: Path) -> None:
     states: list[dict[str, Any]] = []
 
     class Probe(pl.Callback):
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if not last_batch(trainer, args[-1]):
+                return
             states.append(copy.deepcopy(cb.state_dict()))
             copies.append(copy.deepcopy(pl_module))
             groups = cb.pruner.groups
@@ -612,16 +616,24 @@ def test_wandb_offline_run_holds_macs_and_groups_table(
     assert any("prune/widths" in k for r in rows for k in r)
 
 
+class PrunesAtEpochEnd(StructuredPruning):
+    """The order of earlier versions: the prune at ``on_train_epoch_end``, after validation."""
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        pass
+
+
 def test_resume_from_checkpoint_saved_before_the_epochs_prune(tmp_path: Path) -> None:
-    """A checkpoint saved at validation end (``save_on_train_epoch_end=False``, or validation more
-    than once per epoch) comes before ``on_train_epoch_end`` prunes: the resumed run makes up for the
+    """A checkpoint saved after an epoch's training but before its prune (written at validation end
+    by an earlier version, which pruned at ``on_train_epoch_end``): the resumed run makes up for the
     missed prune before its first step, with the saved gradient statistics."""
 
     def run(
         max_epochs: int, module: LitNet, ckpt: str | None = None, save: bool = False
     ) -> StructuredPruning:
         pl.seed_everything(0)
-        cb = StructuredPruning("taylor", pruning_ratio=0.5, epochs=[0, 1], verbose=False)
+        kind = PrunesAtEpochEnd if save or ckpt else StructuredPruning
+        cb = kind("taylor", pruning_ratio=0.5, epochs=[0, 1], verbose=False)
         callbacks: list[pl.Callback] = [cb]
         if save:
             callbacks.append(

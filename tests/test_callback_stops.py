@@ -1,17 +1,21 @@
 """Issue 15, "plays well with the usual callbacks": a run that EarlyStopping ends before the
-pruning schedule does says so, and ``hold_early_stopping`` keeps it going to the last prune."""
+pruning schedule does says so, and ``hold_early_stopping`` keeps it going to the last prune;
+Ctrl-C mid-prune leaves a loadable checkpoint; ModelCheckpoint scores the weights it saves on
+pruning epochs; DDP in spawned workers is refused before training."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 
 from helpers import LitNet, cpu_trainer, random_loader
-from prune_callbacks import StructuredPruning
+from prune_callbacks import PrunedCheckpoints, StructuredPruning
 
 
 class Worsening(LitNet):
@@ -59,7 +63,6 @@ def test_interrupt_during_a_prune_in_fit_leaves_a_loadable_checkpoint(tmp_path) 
     module and training resumes from it."""
     import signal
 
-    import pytest
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
     from prune_callbacks import load_pruned
@@ -100,3 +103,56 @@ def test_interrupt_during_a_prune_in_fit_leaves_a_loadable_checkpoint(tmp_path) 
         LitNet(), random_loader(), ckpt_path=str(path)
     )
     assert resumed.steps_done == 2
+
+
+class Scored(PrunedCheckpoints, LitNet):
+    """Logs its validation loss, for ModelCheckpoint to score checkpoints with."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+
+def test_checkpoints_on_pruning_epochs_are_scored_on_the_weights_they_hold(tmp_path) -> None:
+    """The prune runs after the epoch's last training batch, before its validation: every
+    checkpoint's score is the validation loss of the (pruned) weights it holds."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    prune = StructuredPruning("l2", pruning_ratio=0.75, epochs=[0, 1], verbose=False)
+    save = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, filename="{epoch}")
+    trainer = cpu_trainer(tmp_path, [prune, save], max_epochs=3, enable_checkpointing=True)
+    val = random_loader(n=32, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Scored(), random_loader(), val)
+    scores = {Path(p).name: float(s) for p, s in save.best_k_models.items()}
+    assert sorted(scores) == ["epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt"]
+    widths = []
+    for name, score in scores.items():
+        loaded = Scored.load_from_checkpoint(tmp_path / name)
+        widths.append(loaded.model.conv1.out_channels)
+        again = cpu_trainer(tmp_path / "again", []).validate(loaded, val, verbose=False)[0]["val_loss"]
+        assert again == pytest.approx(score, rel=1e-5), f"{name}: scored {score}, its weights give {again}"
+    assert sorted(widths, reverse=True) == [10, 4, 4]  # pruned after epochs 0 and 1 (75% in 2 steps)
+
+
+def test_ddp_spawn_is_refused_before_training() -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from prune_callbacks.integrations.lightning.ddp import check_strategy
+
+    check_strategy(DDPStrategy())  # the launcher-per-process DDP is supported
+    for method in ("spawn", "fork"):
+        with pytest.raises(ValueError, match=f"start_method='{method}'.*strategy='ddp'"):
+            check_strategy(DDPStrategy(start_method=method))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_fit_is_refused_in_setup(tmp_path) -> None:
+    """End to end: two spawned CPU workers refuse in ``setup``; no training step runs."""
+    module = LitNet()
+    prune = StructuredPruning("l2", pruning_ratio=0.5, epochs=[0], verbose=False)
+    trainer = cpu_trainer(tmp_path, [prune], strategy="ddp_spawn", devices=2, max_epochs=1)
+    with pytest.raises(Exception, match="start_method='spawn'"):
+        trainer.fit(module, random_loader())
+    assert module.training_steps == 0

@@ -56,6 +56,7 @@ __all__ = [
     "CHECKPOINT_HISTORY_KEY",
     "HISTORY_ATTRIBUTE",
     "ModelTransaction",
+    "PRUNED_CHECKPOINT_MARKER",
     "PRUNED_FORMAT",
     "apply_pruning_history",
     "get_pruning_history",
@@ -63,12 +64,28 @@ __all__ = [
     "save_pruned",
     "state_dict_digests",
     "tensor_digest",
+    "without_marker",
 ]
 
 HISTORY_ATTRIBUTE = "_prune_callbacks_history"
 PRUNED_FORMAT = "prune_callbacks.pruned/1"
 #: Key of the history in a Lightning checkpoint written with the pruning callback.
 CHECKPOINT_HISTORY_KEY = "prune_callbacks_history"
+#: An (empty) entry of a pruned Lightning checkpoint's ``state_dict``. Loading the checkpoint
+#: into an unpruned module without this library's help (``load_from_checkpoint`` or
+#: ``Trainer.validate(ckpt_path=...)`` on a module without the ``PrunedCheckpoints`` mixin, with
+#: no pruning callback attached) fails on the smaller tensors anyway; the entry makes torch's
+#: error list this key among the unexpected ones, so that the error says how to load the file.
+#: Everything here that reads a checkpoint drops it (:func:`without_marker`).
+PRUNED_CHECKPOINT_MARKER = (
+    "prune_callbacks: a pruned checkpoint; load it with prune_callbacks.load_pruned(module, path), "
+    "or add the PrunedCheckpoints mixin to the LightningModule"
+)
+
+
+def without_marker(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` without :data:`PRUNED_CHECKPOINT_MARKER`."""
+    return {k: v for k, v in state.items() if k != PRUNED_CHECKPOINT_MARKER}
 
 
 def get_pruning_history(model: nn.Module, create: bool = False) -> list[dict[str, Any]]:
@@ -473,7 +490,7 @@ def _read_pruned(data: Any) -> tuple[list[Any], Mapping[str, Any]]:
         raise ValueError(f"unsupported pruned-model format {fmt!r} (expected {PRUNED_FORMAT!r})")
     if not isinstance(history, (list, tuple)):
         raise ValueError(f"the file's pruning history is a {type(history).__name__}, not a list")
-    return list(history), data["state_dict"]
+    return list(history), without_marker(data["state_dict"])
 
 
 def _misfit(model: nn.Module, state: Mapping[str, Any], strict: bool, error: Exception) -> str:

@@ -20,8 +20,11 @@ What happens during ``fit``:
   after every accumulated backward pass and after AMP has unscaled the gradients, and *before*
   gradient clipping (``configure_gradient_clipping`` runs right after the hook), so the statistics
   use the true, complete, unclipped gradient of the step.
-* **Scheduled epoch ends** (``on_train_epoch_end``): the groups are scored, the channels of this
-  step of the schedule are chosen and removed. The optimizer is kept: its per-parameter state
+* **Scheduled epoch ends** (after the epoch's last training batch, ``on_train_batch_end``, so
+  before the epoch's validation; at ``on_train_epoch_end`` when the epoch ended otherwise): the
+  groups are scored, the channels of this step of the schedule are chosen and removed. The
+  validation that follows sees the pruned model, so a ``ModelCheckpoint`` or ``EarlyStopping``
+  scores exactly the weights it saves or watches. The optimizer is kept: its per-parameter state
   (momentum, Adam moments...) is sliced with the same indices (:mod:`prune_callbacks.pruning.optim_state`),
   so training goes on where it was and LR schedulers keep working. Under DDP every rank uses rank 0's
   scores (so all ranks remove the same channels) and the ``DistributedDataParallel`` wrapper is
@@ -34,9 +37,9 @@ What happens during ``fit``:
   gradient statistics) is saved with the checkpoint; the pruning history is stored once, under the
   top-level key ``"prune_callbacks_history"``, which the state refers to.
   ``Trainer.fit(fresh_module, ckpt_path=...)`` replays the pruned structure on the fresh module right
-  before its weights are loaded and continues the schedule. A checkpoint written at validation end,
-  before that epoch's prune, resumes by making up the prune before the next step, with the saved
-  gradient statistics.
+  before its weights are loaded and continues the schedule. A checkpoint written after an epoch's
+  last batch but before its prune (by a callback that runs before this one) resumes by making up
+  the prune before the next step, with the saved gradient statistics.
 
 **Several callbacks.** Two ``StructuredPruning`` callbacks may prune the same LightningModule when
 they prune disjoint parts of it (different ``ignored_layers``, e.g. one ignores ``"model.head*"``
@@ -419,8 +422,22 @@ class StructuredPruning(Callback):
         self.importance.accumulate(pl_module, grad_scale=_pending_grad_scale(trainer, optimizer))
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Prune after the last training batch of a scheduled epoch, before that epoch's
+        validation: the metrics a ``ModelCheckpoint`` or ``EarlyStopping`` reads at the end of the
+        epoch are then those of the pruned model, the model that the checkpoint saves."""
+        if _last_batch(trainer, batch_idx):
+            self._prune_due(trainer, pl_module)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune when this epoch is (or passed) the next scheduled one."""
+        """Prune when this epoch is (or passed) the next scheduled one and the last batch did not
+        (an epoch cut short by ``max_steps``, or of unknown length)."""
+        self._prune_due(trainer, pl_module)
+
+    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epochs, epoch = self.prune_epochs, trainer.current_epoch
         while self.steps_done < len(epochs) and epochs[self.steps_done] <= epoch:
             self._prune(trainer, pl_module, epochs[self.steps_done])
@@ -665,6 +682,15 @@ class StructuredPruning(Callback):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` ends the training epoch (the epoch length, cut by
+    ``limit_train_batches``, or the data fetcher's look-ahead for loaders without a length)."""
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))
 
 
 def _pending_grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float | None:

@@ -33,9 +33,11 @@ import torch.nn as nn
 
 from ...pruning.history import (
     CHECKPOINT_HISTORY_KEY,
+    PRUNED_CHECKPOINT_MARKER,
     PRUNED_FORMAT,
     apply_pruning_history,
     get_pruning_history,
+    without_marker,
 )
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "adopt_callback_state",
     "attach_checkpoint_hooks",
     "detach_checkpoint_hooks",
+    "drop_marker",
     "history_from_checkpoint",
     "importance_state",
     "load_importance_state",
@@ -74,8 +77,24 @@ def plain(obj: Any) -> Any:
 
 
 def store_history(checkpoint: dict[str, Any], module: nn.Module) -> None:
-    """Put ``module``'s pruning history under :data:`HISTORY_KEY` (the one copy in the checkpoint)."""
-    checkpoint[HISTORY_KEY] = plain(get_pruning_history(module))
+    """Put ``module``'s pruning history under :data:`HISTORY_KEY` (the one copy in the checkpoint);
+    a pruned module's ``state_dict`` also gets the marker entry that makes loading it without this
+    library's help fail with an error naming ``prune_callbacks.load_pruned``
+    (:data:`~prune_callbacks.pruning.history.PRUNED_CHECKPOINT_MARKER`)."""
+    history = plain(get_pruning_history(module))
+    checkpoint[HISTORY_KEY] = history
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict):
+        state.pop(PRUNED_CHECKPOINT_MARKER, None)
+        if history:
+            state[PRUNED_CHECKPOINT_MARKER] = torch.zeros(0)
+
+
+def drop_marker(checkpoint: dict[str, Any]) -> None:
+    """Remove the marker entry from ``checkpoint["state_dict"]`` before its weights load."""
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict):
+        state.pop(PRUNED_CHECKPOINT_MARKER, None)
 
 
 def _is_pruning_state(state: Any) -> bool:
@@ -190,6 +209,7 @@ class ModuleCheckpointHooks:
     def before_weights_load(self, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Hand an old or renamed callback state to a lone callback, then let every callback
         restore the pruned structure (the first one replays the history, the others see it done)."""
+        drop_marker(checkpoint)
         owners = self.owners
         if len(owners) == 1:
             adopt_callback_state(checkpoint, type(owners[0]), owners[0].state_key)
@@ -294,5 +314,6 @@ def pruned_from_checkpoint(checkpoint: str | Any | Mapping[str, Any], prefix: st
         for attr in rec.get("attributes", []):
             attr["module"] = strip(attr["module"])
         records.append(rec)
-    state = {k[len(prefix) :]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
+    weights = without_marker(data["state_dict"])
+    state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     return {"format": PRUNED_FORMAT, "history": records, "state_dict": state}

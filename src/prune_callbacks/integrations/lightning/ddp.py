@@ -84,15 +84,32 @@ def _broadcast_scores(scores: list[torch.Tensor | None]) -> list[torch.Tensor | 
 
 
 def check_strategy(strategy: Any) -> None:
-    """Refuse strategies that do not keep a full copy of every parameter on each process."""
+    """Refuse strategies that do not keep a full copy of every parameter on each process, and DDP
+    in processes started by Lightning from the running one (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``).
+
+    Those hand the result back at the end of ``fit``: rank 0's weights are loaded into the module
+    of the process that called ``fit``, which never saw the prunes, so the smaller tensors do not
+    fit it (and the history, which lives on the module object, stays in the worker). The check
+    runs in ``setup``, in the workers, before any training.
+    """
     name = type(strategy).__name__
     sharded = any(cls.__name__ in _SHARDED for cls in type(strategy).__mro__)
     if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
             f"StructuredPruning does not support the {name} strategy: structural pruning needs every "
             "parameter whole on each process. Supported: single device (strategy='auto') and DDP "
-            "(strategy='ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'); prune with one of "
-            "them and fine-tune with the sharded strategy afterwards"
+            "(strategy='ddp' or 'ddp_find_unused_parameters_true'); prune with one of them and "
+            "fine-tune with the sharded strategy afterwards"
+        )
+    start_method = getattr(strategy, "_start_method", "popen")  # DDPStrategy(start_method=...)
+    if isinstance(strategy, DDPStrategy) and start_method != "popen":
+        raise ValueError(
+            f"StructuredPruning does not support DDP with start_method={start_method!r} (strategy="
+            "'ddp_spawn', 'ddp_fork' or 'ddp_notebook'): at the end of fit Lightning copies the pruned "
+            "weights back into the unpruned module of the process that called fit, and they do not "
+            "fit it. Use strategy='ddp' (Lightning launches the script once per device; on a "
+            "cluster, torchrun or SLURM)"
         )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from ...pruning.history import apply_pruning_history, get_pruning_history
-from .checkpoint import history_from_checkpoint, replay_history
+from .checkpoint import drop_marker, history_from_checkpoint, replay_history
 
 __all__ = ["PrunedCheckpoints"]
 
@@ -44,6 +44,7 @@ class PrunedCheckpoints:
         weights to this (pruned) module's structure; then the class's own hook runs."""
         if not isinstance(self, pl.LightningModule):
             raise TypeError("PrunedCheckpoints is a mixin for LightningModule subclasses")
+        drop_marker(checkpoint)
         history = history_from_checkpoint(checkpoint)
         if history:
             replay_history(self, history)
