@@ -61,9 +61,6 @@ network into the bare ``nn.Module`` instead, strip that prefix with :func:`prune
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -85,17 +82,15 @@ from ...pruning.importance import get_importance
 from ...pruning.naming import resolve_one
 from ...pruning.optim_state import check_optimizer_state, prune_optimizer_state
 from ...pruning.pruner import Pruner
-from ...pruning.settings import PruningSettings, SettingsError
+from ...pruning.settings import PruningSettings
+from ..records import dense_widths, group_widths, layer_sides, object_names, prune_record
+from ..state import check_pruner_kwargs, importance_state, load_importance_state, plain, replay_history
 from .checkpoint import (
     HISTORY_KEY,
     attach_checkpoint_hooks,
     detach_checkpoint_hooks,
     history_from_checkpoint,
-    importance_state,
-    load_importance_state,
-    plain,
     pruned_from_checkpoint,
-    replay_history,
     store_history,
 )
 from .ddp import (
@@ -108,20 +103,12 @@ from .ddp import (
     world_size,
 )
 from .loggers import log_record
-from .records import dense_widths, group_widths, layer_sides, object_names, prune_record
 from .summary import format_summary
 
 __all__ = ["HISTORY_KEY", "StructuredPruning", "pruned_from_checkpoint"]
 
 #: Version of :meth:`StructuredPruning.state_dict` (2: the history is referred to, not copied).
 STATE_VERSION = 2
-_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(PruningSettings))
-#: The Pruner arguments that ``pruner_kwargs`` may hold (the others are settings, model or inputs).
-_PRUNER_ARGS = tuple(
-    name
-    for name in inspect.signature(Pruner).parameters
-    if name not in ("model", "example_inputs", "settings") and name not in _SETTING_NAMES
-)
 
 
 class StructuredPruning(Callback):
@@ -228,7 +215,7 @@ class StructuredPruning(Callback):
             "hold_early_stopping": hold_early_stopping,
         }
         self.settings: PruningSettings = PruningSettings.merged(settings, given)
-        self.pruner_kwargs: dict[str, Any] = self._pruner_kwargs(pruner_kwargs)
+        self.pruner_kwargs: dict[str, Any] = check_pruner_kwargs(pruner_kwargs, "StructuredPruning")
         self.importance: Any = get_importance(self.settings.importance)
 
         self.pruner: Pruner | None = None
@@ -245,30 +232,6 @@ class StructuredPruning(Callback):
         self._batch_idx = 0
         self._module_ref: Callable[[], Any] | None = None
         self._pending_state: dict[str, Any] | None = None
-
-    @staticmethod
-    def _pruner_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-        """``pruner_kwargs`` as a dict of Pruner arguments that are not settings (those have one
-        place: the callback's own arguments); anything else is refused here, before training."""
-        out = dict(kwargs or {})
-        for key, value in out.items():
-            if key in _SETTING_NAMES:
-                raise SettingsError(
-                    f"pruner_kwargs[{key}]",
-                    value,
-                    "is a pruning setting",
-                    f"pass {key}= to StructuredPruning itself (or in settings=)",
-                )
-            if key not in _PRUNER_ARGS:
-                close = difflib.get_close_matches(key, _PRUNER_ARGS, n=1)
-                hint = f"did you mean {close[0]}? " if close else ""
-                raise SettingsError(
-                    f"pruner_kwargs[{key}]",
-                    value,
-                    "is not a Pruner argument",
-                    f"{hint}choose one of {', '.join(_PRUNER_ARGS)}",
-                )
-        return out
 
     # ------------------------------------------------------------------ public helpers
     @property

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
@@ -35,10 +35,10 @@ from ...pruning.history import (
     CHECKPOINT_HISTORY_KEY,
     PRUNED_CHECKPOINT_MARKER,
     PRUNED_FORMAT,
-    apply_pruning_history,
     get_pruning_history,
     without_marker,
 )
+from ..state import plain
 
 __all__ = [
     "HISTORY_KEY",
@@ -49,26 +49,13 @@ __all__ = [
     "detach_checkpoint_hooks",
     "drop_marker",
     "history_from_checkpoint",
-    "importance_state",
-    "load_importance_state",
-    "plain",
     "pruned_from_checkpoint",
-    "replay_history",
     "store_history",
 ]
 
 #: Top-level checkpoint key of the pruning history (shared with :func:`prune_callbacks.load_pruned`).
 HISTORY_KEY = CHECKPOINT_HISTORY_KEY
 _HOOKS_ATTR = "_prune_callbacks_checkpoint_hooks"
-
-
-def plain(obj: Any) -> Any:
-    """A copy of nested dicts/lists/tuples with tuples as lists (safe for ``weights_only`` loading)."""
-    if isinstance(obj, Mapping):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,35 +127,6 @@ def adopt_callback_state(checkpoint: dict[str, Any], callback_class: type, state
     ]
     if len(mine) == 1:
         states[state_key] = states.pop(mine[0])
-
-
-def replay_history(
-    module: nn.Module,
-    history: Sequence[Mapping[str, Any]] | None,
-    customized_pruners: Any = None,
-    example_inputs: Any = None,
-) -> bool:
-    """Give ``module`` the structure recorded in ``history``; True when records were applied.
-    With ``example_inputs`` the replay is verified on them (see ``apply_pruning_history``).
-
-    ``module`` may already be pruned along a prefix of the history (a resume in the same process,
-    or another callback replayed it first): only the records after that prefix are applied. A
-    module pruned differently is refused before anything changes.
-    """
-    if not history:
-        return False
-    current = plain(get_pruning_history(module))
-    n = len(current)
-    if current != plain(list(history[:n])):
-        raise ValueError(
-            f"{type(module).__name__} was already pruned differently from the checkpoint "
-            f"({n} pruning records that the checkpoint does not start with); pass a freshly "
-            "constructed, unpruned module to resume from this checkpoint"
-        )
-    if n >= len(history):
-        return False
-    apply_pruning_history(module, list(history[n:]), customized_pruners, example_inputs)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,29 +209,6 @@ def detach_checkpoint_hooks(module: pl.LightningModule, owner: StructureOwner) -
     if not hooks.owners:
         for name in (_HOOKS_ATTR, "on_load_checkpoint", "on_save_checkpoint"):
             module.__dict__.pop(name, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Importance state
-# ---------------------------------------------------------------------------------------------
-
-
-def importance_state(importance: Any, model: nn.Module) -> dict[str, Any] | None:
-    """The criterion's state for a checkpoint (gradient statistics by parameter name in ``model``,
-    a random generator), through :meth:`~prune_callbacks.pruning.importance.Importance.state_dict`;
-    ``None`` for criteria without one (plain callables) or with nothing to save."""
-    save = getattr(importance, "state_dict", None)
-    if not callable(save):
-        return None
-    return save(model) or None
-
-
-def load_importance_state(importance: Any, model: nn.Module, state: Mapping[str, Any] | None) -> None:
-    """Restore :func:`importance_state` onto the parameters of ``model`` (names that no longer fit
-    are skipped by the criterion)."""
-    load = getattr(importance, "load_state_dict", None)
-    if state and callable(load):
-        load(state, model)
 
 
 # ---------------------------------------------------------------------------------------------

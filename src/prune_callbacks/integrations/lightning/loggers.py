@@ -16,25 +16,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["log_record", "prune_metrics"]
+from ..records import prune_metrics
 
-
-def prune_metrics(record: Mapping[str, Any], dense: bool, group_widths: bool) -> dict[str, float]:
-    """The scalar metrics of one record (``dense``: the record of the unpruned model)."""
-    metrics: dict[str, float] = {
-        "prune/step": float(record["step"]),
-        "prune/macs": float(record["macs"]),
-        "prune/params": float(record["params"]),
-        "prune/speedup": float(record["speedup"]),
-        "prune/channel_ratio": float(record["channel_ratio"]),
-    }
-    if dense:
-        metrics["prune/dense_macs"] = float(record["macs"])
-        metrics["prune/dense_params"] = float(record["params"])
-    if group_widths:
-        for g in record["groups"]:
-            metrics[f"prune/width/{g['root']}"] = float(g["channels_after"])
-    return metrics
+__all__ = ["log_record"]
 
 
 def log_record(trainer: pl.Trainer, record: Mapping[str, Any], dense: bool, group_widths: bool) -> None:

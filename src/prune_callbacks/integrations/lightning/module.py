@@ -21,7 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from ...pruning.history import apply_pruning_history, get_pruning_history
-from .checkpoint import drop_marker, history_from_checkpoint, replay_history
+from ..state import replay_history
+from .checkpoint import drop_marker, history_from_checkpoint
 
 __all__ = ["PrunedCheckpoints"]
 

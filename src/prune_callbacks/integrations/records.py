@@ -1,7 +1,8 @@
-"""The callback's plain-data view of a pruning run: group widths and one record per pruning step.
+"""The callbacks' plain-data view of a pruning run: group widths, one record per pruning step and
+the scalar metrics of a record. Framework-neutral: the Lightning and the Hugging Face callbacks share it.
 
-A record is what is logged (:mod:`.loggers`), summed up (:mod:`.summary`), checkpointed and read by
-the app::
+A record is what is logged (:func:`prune_metrics`; Lightning's :mod:`.lightning.loggers`), summed up
+(:mod:`.lightning.summary`), checkpointed and read by the app::
 
     {"step": 1, "epoch": 0, "global_step": 4, "macs": ..., "params": ..., "speedup": 2.05,
      "channel_ratio": 0.5,
@@ -19,10 +20,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ...graph.node import fn_name
-from ...pruning.naming import lookup
+from ..graph.node import fn_name
+from ..pruning.naming import lookup
 
-__all__ = ["dense_widths", "group_widths", "layer_sides", "object_names", "prune_record"]
+__all__ = ["dense_widths", "group_widths", "layer_sides", "object_names", "prune_metrics", "prune_record"]
 
 #: ``{root name: {"side": "out" | "in", "channels": dense channels}}`` of every group.
 DenseWidths = dict[str, dict[str, Any]]
@@ -99,3 +100,24 @@ def prune_record(
         "channel_ratio": 1.0 - kept_total / dense_total if dense_total else 0.0,
         "groups": groups,
     }
+
+
+def prune_metrics(record: Mapping[str, Any], dense: bool, widths: bool) -> dict[str, float]:
+    """The scalar metrics of one record (``dense``: the record of the unpruned model):
+    ``prune/step``, ``prune/macs``, ``prune/params``, ``prune/speedup``, ``prune/channel_ratio``
+    (``prune/dense_macs`` / ``prune/dense_params`` for the dense record) and, with ``widths``,
+    ``prune/width/<group>`` (channels kept per group)."""
+    metrics: dict[str, float] = {
+        "prune/step": float(record["step"]),
+        "prune/macs": float(record["macs"]),
+        "prune/params": float(record["params"]),
+        "prune/speedup": float(record["speedup"]),
+        "prune/channel_ratio": float(record["channel_ratio"]),
+    }
+    if dense:
+        metrics["prune/dense_macs"] = float(record["macs"])
+        metrics["prune/dense_params"] = float(record["params"])
+    if widths:
+        for g in record["groups"]:
+            metrics[f"prune/width/{g['root']}"] = float(g["channels_after"])
+    return metrics
