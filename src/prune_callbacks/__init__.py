@@ -47,6 +47,8 @@ __all__ = [
     "StructuredPruning",
     "PrunedCheckpoints",
     "pruned_from_checkpoint",
+    # Hugging Face (imported on first use; needs the [hf] extra)
+    "StructuredPruningCallback",
     # the dependency graph
     "DependencyGraph",
     "Group",
@@ -72,6 +74,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = ("StructuredPruning", "pruned_from_checkpoint", "PrunedCheckpoints")
+_LAZY_HF = ("StructuredPruningCallback",)
 
 
 def __getattr__(name: str) -> object:
@@ -81,8 +84,12 @@ def __getattr__(name: str) -> object:
         from .integrations import lightning
 
         return getattr(lightning, name)
+    if name in _LAZY_HF:
+        from .integrations.hf import trainer
+
+        return getattr(trainer, name)
     raise AttributeError(f"module 'prune_callbacks' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_HF))
