@@ -24,6 +24,7 @@ messages as the callback and the app). One step:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from .importance import (
     group_indexes,
 )
 from .naming import lookup, resolve_modules, resolve_one
+from .preview import PruningPreview, StepPreview, changes_of_records
 from .selection import ChannelCounts, ChannelSelector, group_key
 from .settings import PruningSettings
 from .subsets import Plan, SubsetGroups
@@ -363,24 +365,72 @@ class Pruner:
             return self._step(interactive)
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, dry_run: bool = False) -> Iterator[None]:
         """Make a step all or nothing: on any exception leaving it (``KeyboardInterrupt``
         included) the model and its history (a :class:`~.history.ModelTransaction`), the graph's
         recorded shapes and the schedule's position are put back as they were before the step.
         Each prune inside is a transaction of its own; this covers a step that prunes several
-        times (groups one by one, speedup rounds)."""
+        times (groups one by one, speedup rounds). With ``dry_run`` everything is put back also
+        when the block succeeds (:meth:`preview`)."""
         undo_shapes = recorded_shapes(e for node in self.DG.nodes for e in node.out_edges)
         state = (self.current_step, dict(self.refused), self.dense_macs, self.last_macs)
-        try:
-            with ModelTransaction(self.model):
-                yield
-        except BaseException:
+
+        def undo() -> None:
             undo_shapes()
             self.current_step, refused, self.dense_macs, self.last_macs = state
             self.refused.clear()
             self.refused.update(refused)
             self._invalidate_groups()
+
+        try:
+            with ModelTransaction(self.model):
+                yield
+                if dry_run:
+                    raise _DryRunDone
+        except _DryRunDone:
+            undo()
+        except BaseException:
+            undo()
             raise
+
+    def preview(self, steps: int | None = None) -> PruningPreview:
+        """Dry run: what the next ``steps`` steps (default: all remaining) would remove, and the
+        MACs and parameters after each, without changing anything.
+
+        The steps run for real inside one transaction that is then rolled back (model, history,
+        graph, schedule position, refused groups) and the criterion's state (gradient statistics,
+        random generator) is put back, so parameters stay bitwise equal and the next
+        :meth:`step` removes what the first previewed step showed. A gradient criterion's later
+        steps depend on gradients not gathered yet: its preview stops after one step (the
+        ``stopped`` field says so). Print the result for a table; ``to_dict()`` for plain data.
+        """
+        remaining = self.iterative_steps - self.current_step
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"preview(steps={steps!r}): pass a positive int, or None for every step left")
+        wanted = remaining if steps is None else min(steps, remaining)
+        macs, params = count_macs_and_params(self.model, self.example_inputs, self.forward_fn)
+        gradients = bool(getattr(self.importance, "requires_gradients", False))
+        saved = _criterion_state(self.importance, self.model)
+        history = get_pruning_history(self.model)
+        previews: list[StepPreview] = []
+        stopped = "" if wanted == remaining else f"{remaining - wanted} later step(s) not asked for"
+        try:
+            with gc_paused(), group_indexes(self._indexes), self._transaction(dry_run=True):
+                for n in range(wanted):
+                    start = len(history)
+                    self._step(False)
+                    cost = count_macs_and_params(self.model, self.example_inputs, self.forward_fn)
+                    changes = changes_of_records(history[start:])
+                    previews.append(StepPreview(self.current_step, changes, *cost))
+                    if gradients and n + 1 < wanted:
+                        stopped = (
+                            f"{type(self.importance).__name__} scores later steps with gradients "
+                            "that are not gathered yet"
+                        )
+                        break
+        finally:
+            _restore_criterion_state(self.importance, self.model, saved)
+        return PruningPreview(macs, params, tuple(previews), stopped)
 
     def _step(self, interactive: bool) -> Iterator[Group] | None:
         k = self.current_step
@@ -495,6 +545,22 @@ class Pruner:
         self.current_step += 1
         self._invalidate_groups()
         self.importance_reset()
+
+
+class _DryRunDone(BaseException):
+    """Raised at the end of a dry run's transaction so that it rolls back (never escapes it)."""
+
+
+def _criterion_state(importance: Any, model: nn.Module) -> Any:
+    """A deep copy of the criterion's own state (None for criteria without ``state_dict``)."""
+    save = getattr(importance, "state_dict", None)
+    return copy.deepcopy(save(model)) if callable(save) else None
+
+
+def _restore_criterion_state(importance: Any, model: nn.Module, state: Any) -> None:
+    load = getattr(importance, "load_state_dict", None)
+    if state is not None and callable(load):
+        load(state, model)
 
 
 # ---------------------------------------------------------------------------------------------
