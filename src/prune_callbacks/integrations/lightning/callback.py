@@ -102,8 +102,8 @@ from .ddp import (
     requires_gradients,
     world_size,
 )
-from .loggers import log_record
-from .summary import format_summary
+from .loggers import log_record, log_settings
+from .summary import format_step_line, format_summary
 
 __all__ = ["HISTORY_KEY", "StructuredPruning", "pruned_from_checkpoint"]
 
@@ -551,6 +551,7 @@ class StructuredPruning(Callback):
         record = self._record(pl_module, step=0, epoch=None, global_step=trainer.global_step, before=None)
         self.records = [record]
         log_record(trainer, record, dense=True, group_widths=self.settings.log_group_widths)
+        log_settings(trainer, self.settings, self.prune_epochs)
         if self.settings.verbose:
             rank_zero_info(
                 f"StructuredPruning: {len(self._dense_widths)} prunable groups; dense model "
@@ -619,6 +620,8 @@ class StructuredPruning(Callback):
         record = self._record(pl_module, self.steps_done, epoch, trainer.global_step, before)
         self.records.append(record)
         log_record(trainer, record, dense=False, group_widths=self.settings.log_group_widths)
+        if self.settings.verbose:
+            rank_zero_info(format_step_line(record, len(self.prune_epochs)))
 
     def _widths(self, pl_module: pl.LightningModule) -> dict[str, int]:
         """Current channels of every group root recorded at fit start."""

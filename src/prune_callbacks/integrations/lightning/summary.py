@@ -22,7 +22,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["COLUMNS", "format_count", "format_summary", "render_plain", "summary_table"]
+__all__ = ["COLUMNS", "format_count", "format_step_line", "format_summary", "render_plain", "summary_table"]
 
 #: Column headers of the summary table.
 COLUMNS = ("step", "epoch", "MACs", "params", "speedup", "channels pruned")
@@ -47,6 +47,17 @@ def _row(record: Mapping[str, Any]) -> tuple[str, ...]:
         format_count(float(record["params"])),
         f"{float(record.get('speedup', 1.0)):.2f}x",
         f"{100.0 * float(record.get('channel_ratio', 0.0)):.1f}%",
+    )
+
+
+def format_step_line(record: Mapping[str, Any], steps: int) -> str:
+    """One line for a prune as it happens: step of ``steps``, epoch, MACs, speedup, parameters and
+    how many groups lost channels."""
+    changed = sum(1 for g in record.get("groups", []) if g.get("channels_after") != g.get("channels_before"))
+    return (
+        f"StructuredPruning: step {int(record['step'])}/{steps} after epoch {record.get('epoch')}: "
+        f"{format_count(float(record['macs']))} MACs ({float(record['speedup']):.2f}x fewer than dense), "
+        f"{format_count(float(record['params']))} parameters, {changed} group(s) changed"
     )
 
 
