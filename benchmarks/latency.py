@@ -21,17 +21,26 @@ the speedup as the median over rounds of dense / pruned in the same round (paire
 machine load during the run cancels). ``efficiency`` = measured speedup / MACs reduction; the
 issue's target is at least 0.8 at 2x.
 
-Run: ``python benchmarks/latency.py`` (about 4 minutes on 2 cores); ``--smoke`` for a quick check
-at 64x64 with a 2-layer ViT. Results: ``benchmarks/results/latency.json``.
+ONNX Runtime (when ``onnx``, ``onnxruntime`` and ``onnxscript`` are installed; ``--no-onnx`` skips
+it): every model of a family is exported with :func:`prune_callbacks.measure.export.export_onnx`
+(torch's ``torch.export``-based exporter, ``--onnx-exporter torchscript`` for the other; dynamic
+batch), checked against PyTorch at batch 1 (``ort_max_abs_diff``) and timed in a CPU
+``InferenceSession`` on the same number of threads, in alternating rounds exactly like eager
+PyTorch (``ort_latency_ms``, ``ort_speedup``, ``ort_efficiency``; targets under ``ort_targets``).
+
+Run: ``python benchmarks/latency.py`` (about 10 minutes on 2 cores with ONNX Runtime, 3-4 without);
+``--smoke`` for a quick check at 64x64 with a 2-layer ViT. Results: ``benchmarks/results/latency.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -103,6 +112,60 @@ def time_family(
     return samples
 
 
+def onnx_available(exporter: str) -> bool:
+    """Whether the packages the ONNX Runtime columns need are installed."""
+    needed = ["onnx", "onnxruntime"] + (["onnxscript"] if exporter == "dynamo" else [])
+    return all(importlib.util.find_spec(m) is not None for m in needed)
+
+
+def time_family_ort(
+    sessions: dict[str, Any], x: torch.Tensor, rounds: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per ONNX Runtime run of every model, one median per round, rounds alternating (as
+    :func:`time_family` does for eager PyTorch)."""
+    from prune_callbacks.measure.export import onnxruntime_latency
+
+    names = list(sessions)
+    for name in names:
+        onnxruntime_latency(sessions[name], x, warmup=1, repeats=1)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(onnxruntime_latency(sessions[name], x, warmup=0, repeats=repeats))
+    return samples
+
+
+def ort_family(
+    models: dict[str, nn.Module],
+    x1: torch.Tensor,
+    batch_inputs: dict[str, torch.Tensor],
+    rounds: int,
+    repeats_bs1: int,
+    threads: int,
+    exporter: str,
+) -> dict[str, dict[str, Any]]:
+    """Export every model to ONNX (dynamic batch), check it at batch 1 and time it in ONNX Runtime:
+    ``{model: {"latency": {bs: [round seconds]}, "max_abs_diff": ..., "export_s": ...}}``."""
+    from prune_callbacks.measure.export import check_onnx, export_onnx, onnxruntime_session
+
+    out: dict[str, dict[str, Any]] = {k: {"latency": {}} for k in models}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sessions = {}
+        for k, m in models.items():
+            start = time.perf_counter()
+            path = export_onnx(m, x1, Path(tmp) / f"{k}.onnx", dynamo=exporter == "dynamo")
+            out[k]["export_s"] = round(time.perf_counter() - start, 2)
+            sessions[k] = onnxruntime_session(path, threads=threads)
+            out[k]["max_abs_diff"] = check_onnx(m, sessions[k], x1, atol=1e-3, rtol=1e-3)
+        for bs, x in batch_inputs.items():
+            samples = time_family_ort(sessions, x, rounds, repeats_bs1 if bs == "1" else 1)
+            for k in models:
+                out[k]["latency"][bs] = samples[k]
+    return out
+
+
 def run_family(
     name: str,
     make: Callable[[], nn.Module],
@@ -112,8 +175,11 @@ def run_family(
     rounds: int,
     repeats_bs1: int,
     round_to: int | None,
+    onnx: str | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """Prune one model family to every target and time all of them in the same process."""
+    """Prune one model family to every target and time all of them in the same process (eager
+    PyTorch, then ONNX Runtime when ``onnx`` names an exporter)."""
     torch.manual_seed(0)
     dense = make().eval()
     x1 = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
@@ -125,11 +191,14 @@ def run_family(
     costs = {k: count_macs_and_params(m, x1) for k, m in models.items()}
     dense_macs = costs["dense"][0]
     latency: dict[str, dict[str, list[float]]] = {k: {} for k in models}
+    batch_inputs: dict[str, torch.Tensor] = {}
     for bs in batch_sizes:
         x = torch.randn(bs, 3, resolution, resolution, generator=torch.Generator().manual_seed(1))
+        batch_inputs[str(bs)] = x
         samples = time_family(models, x, rounds, repeats_bs1 if bs == 1 else 1)
         for k in models:
             latency[k][str(bs)] = samples[k]
+    ort = ort_family(models, x1, batch_inputs, rounds, repeats_bs1, threads, onnx) if onnx else None
     rows = []
     for k in models:
         macs, params = costs[k]
@@ -151,23 +220,44 @@ def run_family(
             row["latency_rounds_ms"][bs] = [round(1e3 * v, 3) for v in mine]
             row["speedup"][bs] = statistics.median(b / m for b, m in zip(base, mine))
             row["efficiency"][bs] = row["speedup"][bs] / row["macs_reduction"]
+        if ort is not None:
+            _add_ort(row, ort[k], ort["dense"], batch_sizes)
         rows.append(row)
     return {"family": name, "resolution": resolution, "rows": rows}
 
 
-def check_targets(families: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Speedup / MACs reduction >= 0.8 at 2x, per model family and batch size."""
+def _add_ort(
+    row: dict[str, Any], mine: dict[str, Any], dense: dict[str, Any], batch_sizes: Sequence[int]
+) -> None:
+    """The ONNX Runtime columns of one row: latency, paired speedup over dense, efficiency."""
+    row["onnx_export_s"] = mine["export_s"]
+    row["ort_max_abs_diff"] = mine["max_abs_diff"]
+    row["ort_latency_ms"], row["ort_latency_rounds_ms"] = {}, {}
+    row["ort_speedup"], row["ort_efficiency"] = {}, {}
+    for bs in map(str, batch_sizes):
+        times, base = mine["latency"][bs], dense["latency"][bs]
+        row["ort_latency_ms"][bs] = 1e3 * statistics.median(times)
+        row["ort_latency_rounds_ms"][bs] = [round(1e3 * v, 3) for v in times]
+        row["ort_speedup"][bs] = statistics.median(b / m for b, m in zip(base, times))
+        row["ort_efficiency"][bs] = row["ort_speedup"][bs] / row["macs_reduction"]
+
+
+def check_targets(families: list[dict[str, Any]], prefix: str = "") -> list[dict[str, Any]]:
+    """Speedup / MACs reduction >= 0.8 at 2x, per model family and batch size; ``prefix="ort_"``
+    checks the ONNX Runtime columns (families without them give none)."""
     out = []
+    runtime = "ONNX Runtime " if prefix else ""
     for fam in families:
         for row in fam["rows"]:
-            if row["target_speedup"] != TARGET_SPEEDUP:
+            if row["target_speedup"] != TARGET_SPEEDUP or f"{prefix}efficiency" not in row:
                 continue
-            for bs, eff in row["efficiency"].items():
+            for bs, eff in row[f"{prefix}efficiency"].items():
+                speedup = row[f"{prefix}speedup"][bs]
                 out.append(
                     {
-                        "target": f"{fam['family']} at {TARGET_SPEEDUP:g}x, batch {bs}: speedup >= "
+                        "target": f"{fam['family']} at {TARGET_SPEEDUP:g}x, batch {bs}: {runtime}speedup >= "
                         f"{TARGET_EFFICIENCY} x MACs reduction",
-                        "value": f"{row['speedup'][bs]:.2f}x / {row['macs_reduction']:.2f}x = {eff:.2f}",
+                        "value": f"{speedup:.2f}x / {row['macs_reduction']:.2f}x = {eff:.2f}",
                         "met": eff >= TARGET_EFFICIENCY,
                         "family": fam["family"],
                         "batch_size": bs,
@@ -177,9 +267,10 @@ def check_targets(families: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(families: list[dict[str, Any]]) -> str:
-    """The console table: one line per model, latency and speedup per batch size."""
-    bss = list(families[0]["rows"][0]["latency_ms"]) if families else []
+def format_table(families: list[dict[str, Any]], prefix: str = "") -> str:
+    """The console table: one line per model, latency and speedup per batch size (``prefix="ort_"``:
+    the ONNX Runtime columns)."""
+    bss = list(families[0]["rows"][0][f"{prefix}latency_ms"]) if families else []
     header = ["model", "res", "pruned", "GMACs", "params (M)", "MACs red."]
     for bs in bss:
         header += [f"bs{bs} ms", f"bs{bs} speedup", f"bs{bs} eff."]
@@ -196,15 +287,24 @@ def format_table(families: list[dict[str, Any]]) -> str:
             ]
             for bs in bss:
                 row += [
-                    f"{r['latency_ms'][bs]:.1f}",
-                    f"{r['speedup'][bs]:.2f}x",
-                    f"{r['efficiency'][bs]:.2f}",
+                    f"{r[prefix + 'latency_ms'][bs]:.1f}",
+                    f"{r[prefix + 'speedup'][bs]:.2f}x",
+                    f"{r[prefix + 'efficiency'][bs]:.2f}",
                 ]
             rows.append(row)
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = [" | ".join(c.rjust(w) for c, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def _onnx_meta(exporter: str | None) -> dict[str, Any]:
+    """Versions and settings of the ONNX Runtime measurement (empty without it)."""
+    if not exporter:
+        return {}
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "onnx_exporter": exporter}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -219,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (0: off)")
     ap.add_argument("--vit-layers", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime columns")
+    ap.add_argument("--onnx-exporter", choices=["dynamo", "torchscript"], default="dynamo")
     ap.add_argument("--smoke", action="store_true", help="64x64, 2-layer ViT, batch 1 and 2, 2 rounds")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -226,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.resolution, args.vit_layers, args.batch_sizes = 64, 2, [1, 2]
         args.rounds, args.repeats = 2, 1
 
+    onnx = None if args.no_onnx else args.onnx_exporter
+    if onnx and not onnx_available(onnx):
+        print("no ONNX Runtime columns: an ONNX package is missing (pip install prune_callbacks[onnx])")
+        onnx = None
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     makers: dict[str, Callable[[], nn.Module]] = {
@@ -244,16 +350,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.rounds,
             args.repeats,
             args.round_to or None,
+            onnx,
+            args.threads,
         )
         families.append(fam)
         print(f"{names[key]} done ({time.perf_counter() - start:.0f} s)", flush=True)
     targets = check_targets(families)
+    ort_targets = check_targets(families, "ort_") if onnx else []
     wall = time.perf_counter() - start
 
     print()
     print(format_table(families))
+    if onnx:
+        print("\nONNX Runtime:")
+        print(format_table(families, "ort_"))
     print()
-    for t in targets:
+    for t in [*targets, *ort_targets]:
         print(f"{t['target']}: {t['value']}  {'ok' if t['met'] else 'MISSED'}")
     result = {
         "meta": {
@@ -269,10 +381,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "importance": "MagnitudeImportance(p=2), global ranking (target_speedup)",
             "smoke": args.smoke,
             "wall_s": round(wall, 1),
+            **_onnx_meta(onnx),
         },
         "families": families,
         "targets": targets,
     }
+    if onnx:
+        result["ort_targets"] = ort_targets
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.output} ({wall:.0f} s)")

@@ -76,8 +76,15 @@ def accuracy_table(acc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def latency_table(lat: Mapping[str, Any]) -> list[str]:
-    """One row per model of ``latency.json``: MACs, parameters, latency, speedup and efficiency."""
+def has_ort(lat: Mapping[str, Any]) -> bool:
+    """Whether ``latency.json`` holds ONNX Runtime columns (runs before they existed do not)."""
+    rows = [r for fam in lat["families"] for r in fam["rows"]]
+    return bool(rows) and all("ort_latency_ms" in r for r in rows)
+
+
+def latency_table(lat: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One row per model of ``latency.json``: MACs, parameters, latency, speedup and efficiency
+    (``prefix="ort_"``: the ONNX Runtime latency, speedup and efficiency)."""
     bss = [str(b) for b in lat["meta"]["batch_sizes"]]
     header = ["model", "pruned to", "GMACs", "MACs reduction", "params (M)"]
     for bs in bss:
@@ -94,9 +101,9 @@ def latency_table(lat: Mapping[str, Any]) -> list[str]:
             ]
             for bs in bss:
                 cells += [
-                    f"{r['latency_ms'][bs]:.1f}",
-                    f"{r['speedup'][bs]:.2f}x",
-                    f"{r['efficiency'][bs]:.2f}",
+                    f"{r[prefix + 'latency_ms'][bs]:.1f}",
+                    f"{r[prefix + 'speedup'][bs]:.2f}x",
+                    f"{r[prefix + 'efficiency'][bs]:.2f}",
                 ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -157,7 +164,31 @@ def render(acc: Mapping[str, Any], lat: Mapping[str, Any]) -> str:
         "",
         *_targets(lat["targets"]),
     ]
+    if has_ort(lat):
+        out += ["", *ort_section(lat)]
     return "\n".join(out)
+
+
+def ort_section(lat: Mapping[str, Any]) -> list[str]:
+    """The ONNX Runtime subsection: how the models were exported and run, the table, the targets."""
+    lm = lat["meta"]
+    worst = max(r["ort_max_abs_diff"] for fam in lat["families"] for r in fam["rows"])
+    exporter = "torch.export-based" if lm["onnx_exporter"] == "dynamo" else "TorchScript"
+    return [
+        "### ONNX Runtime latency against MACs",
+        "",
+        f"The same models exported with `prune_callbacks.measure.export.export_onnx` (torch's {exporter} "
+        f"exporter, dynamic batch) and run in ONNX Runtime {lm['onnxruntime']} (CPU, all graph "
+        f"optimisations, {lm['threads']} intra-op thread{'s' if lm['threads'] != 1 else ''}), timed in "
+        "the same alternating rounds; every exported model matches PyTorch at batch 1 within "
+        f"{worst:.1e} (largest absolute difference).",
+        "",
+        *latency_table(lat, "ort_"),
+        "",
+        "Target of the issue: ONNX Runtime speedup at least 0.8 x the MACs reduction at 2x:",
+        "",
+        *_targets(lat.get("ort_targets", [])),
+    ]
 
 
 def replace_section(text: str, body: str) -> str:

@@ -188,9 +188,9 @@ def test_accuracy_digits_smoke_run(tmp_path: Path) -> None:
         assert set(row["latency_ms"]) == {"1", "64"} and all(v > 0 for v in row["latency_ms"].values())
 
 
-@pytest.mark.slow  # prunes ResNet-50 and a 2-layer ViT three times each at 64x64: about 15 s
+@pytest.mark.slow  # prunes ResNet-50 and a 2-layer ViT three times each at 64x64 and exports them: ~1 min
 def test_latency_smoke_run(tmp_path: Path) -> None:
-    data = _run("latency", tmp_path)
+    data = _run("latency", tmp_path, "--onnx-exporter", "torchscript")  # the quicker exporter
     assert len(data["families"]) == 2
     for fam in data["families"]:
         rows = fam["rows"]
@@ -202,3 +202,8 @@ def test_latency_smoke_run(tmp_path: Path) -> None:
             assert set(r["latency_ms"]) == {"1", "2"}
             assert r["efficiency"]["1"] == pytest.approx(r["speedup"]["1"] / r["macs_reduction"])
     assert len(data["targets"]) == 4
+    if importlib.util.find_spec("onnxruntime"):
+        assert len(data["ort_targets"]) == 4
+        for fam in data["families"]:
+            for r in fam["rows"]:
+                assert set(r["ort_latency_ms"]) == {"1", "2"} and r["ort_max_abs_diff"] < 1e-3

@@ -14,6 +14,7 @@ every layer pruner and ``prune_*`` function).
 from .graph import DependencyGraph, Group, MultipleInputs, PruningError, VerificationError
 from .graph.attributes import register_size_attributes
 from .layers import LayerPruner, prune_conv_out_channels, prune_linear_out_channels, track_parameter_updates
+from .measure.export import check_onnx, export_onnx, onnxruntime_latency
 from .measure.flops import count_macs_and_params, count_params, measure_latency
 from .pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
 from .pruning.importance import (
@@ -70,6 +71,10 @@ __all__ = [
     "count_macs_and_params",
     "count_params",
     "measure_latency",
+    # deployment (onnx / onnxruntime imported on first use; the [onnx] extra)
+    "export_onnx",
+    "check_onnx",
+    "onnxruntime_latency",
 ]
 __version__ = "0.1.0"
 

@@ -8,6 +8,10 @@ pruning setting, or a value of the wrong type, is refused when the config is com
 What is checked here besides is what only the app knows: the last pruning epoch against
 ``trainer.max_epochs``, layer names against the built model, logger packages and data directories.
 
+The top-level ``export`` section is closed: its keys are those of :data:`EXPORT_SETTINGS`, and
+:func:`check_export_settings` refuses any other key, a value of the wrong type, and ``onnx=true``
+when the ONNX packages are not installed, before anything is built.
+
 The ``data`` group has no closed schema (``data._target_`` may name any LightningDataModule, with its
 own keys); instead every key the shipped data modules take has a rule in :data:`DATA_SETTINGS` (type,
 range, meaning), applied by :func:`check_data_settings` to whichever of those keys the selected data
@@ -36,12 +40,14 @@ from ..pruning.settings import PruningSettings, SettingsError, format_value
 __all__ = [
     "CALLBACK_TARGET",
     "DATA_SETTINGS",
+    "EXPORT_SETTINGS",
     "PRUNING_SCHEMA",
     "SEED",
     "ConfigError",
     "PruningConfig",
     "SettingRule",
     "check_data_settings",
+    "check_export_settings",
     "check_layer_names",
     "check_logger",
     "check_schedule_fits",
@@ -300,3 +306,49 @@ def _check_text_split(data: Mapping[str, Any], prefix: str) -> None:
             f"training needs at least {seq_len + 1} more",
             f"set {prefix}max_chars>={need} or a smaller {prefix}seq_len",
         )
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+#: Rules for the keys of the top-level ``export`` section (all of them: the section is closed).
+EXPORT_SETTINGS: dict[str, SettingRule] = {
+    "onnx": SettingRule(
+        "write pruned_model.onnx and time the dense and the pruned model in ONNX Runtime", True, kind="flag"
+    ),
+    "dynamo": SettingRule(
+        "export with torch's torch.export-based ONNX exporter; false: the TorchScript one", True, kind="flag"
+    ),
+}
+
+#: Packages ``export.onnx=true`` needs: (module, needed only with ``export.dynamo=true``).
+_ONNX_PACKAGES = (("onnx", False), ("onnxruntime", False), ("onnxscript", True))
+
+
+def check_export_settings(export: Mapping[str, Any] | None, prefix: str = "export.") -> None:
+    """Check the ``export`` section: known keys, flags, and with ``onnx=true`` the packages it needs
+    (``onnx``, ``onnxruntime``, and ``onnxscript`` for the dynamo exporter), so a missing one stops
+    the run before training instead of after it."""
+    if not export:
+        return
+    for key in export:
+        if str(key) not in EXPORT_SETTINGS:
+            known = ", ".join(prefix + k for k in EXPORT_SETTINGS)
+            raise error(prefix + str(key), export.get(key), "is no export setting", f"use one of {known}")
+    for key, rule in EXPORT_SETTINGS.items():
+        if key in export:
+            check_setting(prefix + key, export.get(key), rule)
+    if not export.get("onnx"):
+        return
+    dynamo = bool(export.get("dynamo", True))
+    missing = [m for m, dynamo_only in _ONNX_PACKAGES if (dynamo or not dynamo_only) and not _installed(m)]
+    if missing:
+        raise error(
+            prefix + "onnx",
+            True,
+            f"ONNX export needs {', '.join(missing)}, not installed here",
+            "pip install prune_callbacks[onnx], or set export.onnx=false",
+        )
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

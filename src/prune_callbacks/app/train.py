@@ -2,7 +2,8 @@
 
 ``python -m prune_callbacks.train`` (or ``prune-train``) with no arguments trains the small digits ResNet,
 prunes it iteratively with gradient Taylor importance to half its MACs, fine-tunes it, and prints a table
-of dense vs pruned accuracy, MACs, parameters and CPU latency. Everything comes from ``conf/`` (groups
+of dense vs pruned accuracy, MACs, parameters and CPU latency (with ``export.onnx=true`` also the pruned
+model as ``pruned_model.onnx`` and ONNX Runtime latency). Everything comes from ``conf/`` (groups
 ``model``, ``data``, ``task``, ``pruning``, ``trainer``, ``logger``) and can be overridden on the command
 line; ``recipe=NAME`` applies one of the ready schedules in ``recipes/``; ``--help`` lists the groups,
 their options and what the keys mean (:mod:`.help`). Each job writes ``results.json`` to its output
@@ -23,6 +24,7 @@ import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -44,6 +46,7 @@ from .config import (
     SEED,
     ConfigError,
     check_data_settings,
+    check_export_settings,
     check_layer_names,
     check_logger,
     check_schedule_fits,
@@ -96,6 +99,7 @@ JOB_LOGGING: dict[str, Any] = {
 APP_ROOT = Path(__file__).resolve().parent
 RESULTS_FILE = "results.json"
 PRUNED_MODEL_FILE = "pruned_model.pt"
+PRUNED_ONNX_FILE = "pruned_model.onnx"
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
 
 
@@ -434,6 +438,10 @@ def _format_table(results: dict[str, Any]) -> str:
         tp = pruned["latency_s"][bs]
         latency = (f"{t * 1e3:.2f} ms", f"{tp * 1e3:.2f} ms", times(_ratio(t, tp), "faster"))
         rows.append((f"CPU latency, batch {bs}", *latency))
+    for bs, t in dense.get("ort_latency_s", {}).items():
+        tp = pruned["ort_latency_s"][bs]
+        latency = (f"{t * 1e3:.2f} ms", f"{tp * 1e3:.2f} ms", times(_ratio(t, tp), "faster"))
+        rows.append((f"ONNX Runtime latency, batch {bs}", *latency))
     return render_table(("", "dense", "pruned", "change"), rows, right=(1, 2, 3))
 
 
@@ -495,12 +503,14 @@ def _log_final(logger: Any, results: dict[str, Any]) -> None:
     """Send the headline figures to the Lightning logger (``final/...``) and close it."""
     if not logger:
         return
+    ort = results["speedup"].get("ort_latency", {})
     flat = {
         "final/dense_acc": results["dense"]["accuracy"],
         "final/pruned_acc": results["pruned"]["accuracy"],
         "final/macs_speedup": results["speedup"]["macs"],
         "final/params_speedup": results["speedup"]["params"],
         **{f"final/latency_speedup_bs{bs}": v for bs, v in results["speedup"]["latency"].items()},
+        **{f"final/ort_latency_speedup_bs{bs}": v for bs, v in ort.items()},
     }
     logger.log_metrics({k: v for k, v in flat.items() if v is not None})
     logger.finalize("success")
@@ -531,6 +541,96 @@ def _compare(
     return sides["dense"], sides["pruned"], speedup
 
 
+def _network(module: Any) -> Any:
+    """The bare network of a task wrapper (its ``model``), else the module itself."""
+    net = getattr(module, "model", None)
+    return net if isinstance(net, torch.nn.Module) else module
+
+
+def _onnx_latency(cfg: DictConfig, paths: dict[str, Path], lit: Any, dm: Any) -> dict[str, dict[str, float]]:
+    """ONNX Runtime seconds per call of each exported model per configured batch size, measured like
+    the eager latency (:func:`_measure`): alternating rounds, the median of the round medians, on
+    ``latency.threads`` intra-op threads (null: ONNX Runtime's default)."""
+    from ..measure.export import onnxruntime_latency, onnxruntime_session
+
+    lat_cfg = cfg.get("latency") or {}
+    repeats = max(1, int(lat_cfg.get("repeats", 20)))
+    rounds = min(5, repeats)
+    warmup = int(lat_cfg.get("warmup", 3))
+    threads = int(lat_cfg["threads"]) if lat_cfg.get("threads") else None
+    sessions = {name: onnxruntime_session(path, threads) for name, path in paths.items()}
+    out: dict[str, dict[str, float]] = {name: {} for name in paths}
+    for bs in lat_cfg.get("batch_sizes", [1]):
+        x = _example_batch(lit, dm, int(bs))
+        samples: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(rounds):
+            for name, session in sessions.items():
+                t = onnxruntime_latency(session, x, warmup=warmup, repeats=repeats // rounds)
+                samples[name].append(t)
+        for name in paths:
+            out[name][str(bs)] = statistics.median(samples[name])
+    return out
+
+
+def _export_onnx(cfg: DictConfig, dense: Any, lit: Any, dm: Any, out_dir: Path) -> dict[str, Any]:
+    """``export.onnx``: write the pruned network to ``pruned_model.onnx`` (the dense one to a
+    temporary file), check ONNX Runtime against PyTorch and time both in ONNX Runtime.
+
+    Returns the ``onnx`` entry of ``results.json`` plus ``latency_s`` per model. The training is
+    done by now, so a model that does not export is reported (``error``, logged) instead of
+    raising: results.json and the saved model are still written.
+    """
+    from ..measure.export import check_onnx, export_onnx
+
+    dynamo = bool(cfg.export.get("dynamo", True))
+    record: dict[str, Any] = {"file": None, "exporter": "dynamo" if dynamo else "torchscript"}
+    example = _example_batch(lit, dm, 1)
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {"dense": Path(tmp) / "dense_model.onnx", "pruned": out_dir / PRUNED_ONNX_FILE}
+            for name, module in (("dense", dense), ("pruned", lit)):
+                export_onnx(_network(module).cpu(), example, paths[name], dynamo=dynamo)
+            record["file"] = PRUNED_ONNX_FILE
+            try:
+                record["max_abs_diff"] = check_onnx(_network(lit), paths["pruned"], example)
+            except ValueError as exc:
+                record["mismatch"] = str(exc)
+                log.warning("ONNX Runtime does not match PyTorch on %s: %s", PRUNED_ONNX_FILE, exc)
+            record["latency_s"] = _onnx_latency(cfg, paths, lit, dm)
+    except Exception as exc:  # reported in results.json and the log; the run's results are kept
+        record["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        log.error("ONNX export or ONNX Runtime failed: %s", record["error"])
+    record["time_s"] = time.perf_counter() - start
+    return record
+
+
+def _add_onnx(results: dict[str, Any], record: dict[str, Any]) -> None:
+    """Put the ONNX step's figures into ``results``: ``onnx`` (file, exporter, max_abs_diff or
+    error), ``ort_latency_s`` of the dense and the pruned model and ``speedup.ort_latency``."""
+    latency = record.pop("latency_s", None)
+    results["time_s"]["onnx"] = record.pop("time_s")
+    results["onnx"] = record
+    if latency is None:
+        return
+    results["dense"]["ort_latency_s"] = latency["dense"]
+    results["pruned"]["ort_latency_s"] = latency["pruned"]
+    pruned = latency["pruned"]
+    results["speedup"]["ort_latency"] = {bs: _ratio(t, pruned[bs]) for bs, t in latency["dense"].items()}
+
+
+def _onnx_line(record: dict[str, Any]) -> str:
+    """One summary line about the ONNX file: written and checked, or what went wrong."""
+    if "error" in record:
+        return f"ONNX export failed ({record['exporter']} exporter): {record['error']}"
+    if "mismatch" in record:
+        return f"ONNX: {record['file']} written, but ONNX Runtime differs from PyTorch: {record['mismatch']}"
+    return (
+        f"ONNX: {record['file']} ({record['exporter']} exporter); ONNX Runtime matches PyTorch "
+        f"(max |difference| {record['max_abs_diff']:.1e})"
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job: check the config, train dense, prune during fit, fine-tune, measure, write results.json.
 
@@ -544,6 +644,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_logger(cfg.get("logger"))
     check_setting("seed", cfg.get("seed"), SEED)
     check_data_settings(cfg.get("data"))
+    check_export_settings(cfg.get("export"))
     check_inputs(cfg, _choices(), conf_dir())
 
     if cfg.get("threads"):
@@ -587,11 +688,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("save_pruned_model", True) and _save_pruned(lit, pruning, out_dir / PRUNED_MODEL_FILE):
         results["pruned_model"] = PRUNED_MODEL_FILE
+    if (cfg.get("export") or {}).get("onnx"):
+        _add_onnx(results, _export_onnx(cfg, snapshot.dense_model(), lit, dm, out_dir))
     results["time_s"]["total"] = time.perf_counter() - start
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     _log_final(logger, results)
 
     log.info("%s on %s: dense vs pruned\n%s", results["model"], results["data"], _format_table(results))
+    if "onnx" in results:
+        log.info("%s", _onnx_line(results["onnx"]))
     log.info("results: %s (%.0f s)", out_dir / RESULTS_FILE, results["time_s"]["total"])
     return results
 
