@@ -99,7 +99,7 @@ def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="p must be"):
         MagnitudeImportance(p=0)
     with pytest.raises(ValueError, match="valid names"):
-        get_importance("hessian")
+        get_importance("snip")
 
 
 def test_get_importance_names() -> None:

@@ -491,7 +491,7 @@ class Exploding(nn.Module):
         ({"target_speedup": 1.0}, "target_speedup=1.0: must be a number > 1"),
         ({"head_pruning_ratio": 1.0}, "head_pruning_ratio=1.0: must be in [0, 1)"),
         ({"pruning_ratio_dict": {"fc1": 1.2}}, "pruning_ratio_dict[fc1]=1.2: must be in [0, 1)"),
-        ({"importance": "hessian"}, "importance=hessian: unknown importance"),
+        ({"importance": "snip"}, "importance=snip: unknown importance"),
     ],
 )
 def test_settings_are_validated_first_by_the_one_rulebook(kwargs, match) -> None:

@@ -100,7 +100,7 @@ def pruning_settings(pruning: Mapping[str, Any]) -> PruningSettings:
     speedup (``target_speedup: 2.0``), so the message for that case says how to switch to a ratio run.
     """
     try:
-        return PruningSettings.from_mapping(pruning, prefix="pruning.")
+        settings = PruningSettings.from_mapping(pruning, prefix="pruning.")
     except SettingsError as exc:
         ratio, speedup = pruning.get("pruning_ratio"), pruning.get("target_speedup")
         if exc.key == "pruning.target_speedup" and ratio is not None and speedup is not None:
@@ -112,6 +112,16 @@ def pruning_settings(pruning: Mapping[str, Any]) -> PruningSettings:
                 "for a speedup run pruning.pruning_ratio=null",
             ) from None
         raise ConfigError(str(exc)) from None
+    if settings.importance == "hessian":
+        raise error(
+            "pruning.importance",
+            "hessian",
+            "needs gradients that keep their graph (loss.backward(create_graph=True)), which the app's "
+            "tasks do not compute",
+            "use pruning.importance=obd (the same Optimal Brain Damage criterion, with the "
+            "empirical-Fisher Hessian diagonal)",
+        )
+    return settings
 
 
 def check_schedule_fits(settings: PruningSettings, max_epochs: Any) -> list[int]:

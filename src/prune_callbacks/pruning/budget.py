@@ -5,6 +5,9 @@ globally lowest channels whose estimated MACs meet the step's goal (the MAC redu
 ``1 - 1/target_speedup`` follows the schedule). MACs are estimated per layer from one measured
 forward pass: a layer's MACs scale with the fraction of its input and of its output channels that
 stay (exact for convolutions and linear layers); MACs outside graph layers are taken as constant.
+With isomorphic ranking (``isomorphic=True``) the "globally lowest" order is the isomorphic one of
+:meth:`~.selection.ChannelCounts.global_order`, so the budget that meets the goal prunes every
+structure class to the same fraction of its channels.
 """
 
 from __future__ import annotations

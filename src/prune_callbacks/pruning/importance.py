@@ -19,11 +19,19 @@ How a group is scored (every parameter-based criterion):
 3. **Across layers** (``group_reduction``): ``"mean"`` (over the layers that hold the channel),
    ``"sum"``, ``"max"``, ``"prod"`` or ``"first"`` (the root layer only).
 4. **Normalisation** (``normalizer``), so that scores of different groups can be ranked together
-   in global pruning: ``"none"``, ``"mean"`` (divide by the mean), ``"max"``, ``"sum"`` or
-   ``"standardization"`` (subtract the mean, divide by the standard deviation).
+   in global pruning: ``"none"``, ``"mean"`` (divide by the mean), ``"max"``, ``"sum"``,
+   ``"standardization"`` (subtract the mean, divide by the standard deviation) or ``"lamp"``
+   (Lee et al., 2021: each score divided by the sum of the group's scores that are at least as
+   large, :func:`lamp_normalize`; the largest score of a group becomes 1).
 
-Gradient criteria (:class:`TaylorImportance`, :class:`FisherImportance`) read statistics that
-:meth:`~GradientImportance.accumulate` collects from ``.grad`` after each backward pass.
+Gradient criteria (:class:`TaylorImportance`, :class:`FisherImportance`, :class:`OBDImportance`)
+read statistics that :meth:`~GradientImportance.accumulate` collects from ``.grad`` after each
+backward pass.
+
+Named criteria (:func:`get_importance`): ``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"`` (L2
+magnitude with the LAMP normaliser), ``"taylor"``, ``"fisher"``, ``"obd"`` (Optimal Brain Damage
+with the empirical-Fisher Hessian diagonal), ``"hessian"`` (Optimal Brain Damage with a
+Hutchinson estimate of the Hessian diagonal), ``"bn_scale"``, ``"random"``.
 
 **State.** Every criterion owns its state and saves it as plain data and tensors:
 ``state = importance.state_dict(model)`` and ``importance.load_state_dict(state, model)`` (a
@@ -48,6 +56,7 @@ from torch import Tensor
 
 __all__ = [
     "GROUP_REDUCTIONS",
+    "HESSIAN_ESTIMATORS",
     "IMPORTANCES",
     "NORMALIZERS",
     "BNScaleImportance",
@@ -55,6 +64,7 @@ __all__ = [
     "GradientImportance",
     "Importance",
     "MagnitudeImportance",
+    "OBDImportance",
     "RandomImportance",
     "TaylorImportance",
     "GroupIndex",
@@ -63,11 +73,12 @@ __all__ = [
     "group_index",
     "group_indexes",
     "importance_key",
+    "lamp_normalize",
     "root_ids",
 ]
 
 GROUP_REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max", "prod", "first")
-NORMALIZERS: tuple[str, ...] = ("none", "mean", "max", "sum", "standardization")
+NORMALIZERS: tuple[str, ...] = ("none", "mean", "max", "sum", "standardization", "lamp")
 _NORMALIZER_ALIASES = {
     None: "none",
     "none": "none",
@@ -77,6 +88,7 @@ _NORMALIZER_ALIASES = {
     "standardization": "standardization",
     "standardisation": "standardization",
     "gaussian": "standardization",
+    "lamp": "lamp",
 }
 _EPS = 1e-12
 
@@ -246,6 +258,24 @@ def group_index(group: Any) -> GroupIndex:
     return GroupIndex(group) if cache is None else cache.get(group)
 
 
+def lamp_normalize(scores: Tensor) -> Tensor:
+    """LAMP scores (Lee et al., 2021, "Layer-adaptive sparsity for the magnitude-based pruning"):
+    ``s_i / sum of s_j over every j with s_j >= s_i``.
+
+    Computed on the sorted scores (suffix sums); tied scores share one denominator, which counts
+    all of them. The largest score becomes 1 and every score lies in (0, 1], so groups of very
+    different magnitudes can be ranked together: a channel's LAMP score says how much of what
+    remains of its group (at and above it) it carries. Meant for non-negative scores.
+    """
+    s = scores.reshape(-1)
+    if s.numel() == 0:
+        return scores
+    ascending = torch.sort(s).values
+    suffix = torch.flip(torch.cumsum(torch.flip(ascending, [0]), 0), [0])
+    first = torch.searchsorted(ascending, s).clamp(max=s.numel() - 1)
+    return (s / (suffix[first] + _EPS)).reshape(scores.shape)
+
+
 class ParamImportance(Importance):
     """Shared machinery of the criteria that score parameter entries (see the module docstring).
 
@@ -402,6 +432,8 @@ class ParamImportance(Importance):
             return s / (s.max() + _EPS)
         if how == "sum":
             return s / (s.sum() + _EPS)
+        if how == "lamp":
+            return lamp_normalize(s)
         return (s - s.mean()) / (s.std(unbiased=False) + _EPS)
 
     def __repr__(self) -> str:
@@ -521,6 +553,24 @@ class RandomImportance(Importance):
 # ---------------------------------------------------------------------------------------------
 
 
+def _parameter_gradients(model: nn.Module | Iterable[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """``(parameter, dense gradient)`` of every distinct parameter of ``model`` whose ``.grad`` is
+    set and shaped like it."""
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    seen: set[int] = set()
+    out: list[tuple[Tensor, Tensor]] = []
+    for p in params:
+        if id(p) in seen or p.grad is None:
+            continue
+        seen.add(id(p))
+        g = p.grad
+        if g.is_sparse:
+            g = g.to_dense()
+        if g.shape == p.shape:
+            out.append((p, g))
+    return out
+
+
 class _Accumulator:
     """Running sum of one parameter's per-entry statistic over ``count`` batches."""
 
@@ -561,7 +611,6 @@ class GradientImportance(ParamImportance):
         """Per-entry statistic of one batch (float32, shaped like the parameter)."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def accumulate(self, model: nn.Module | Iterable[Tensor], grad_scale: float | None = None) -> bool:
         """Add the current gradients of ``model`` (a module or an iterable of parameters).
 
@@ -569,27 +618,25 @@ class GradientImportance(ParamImportance):
         ``GradScaler``). Returns False when the batch was skipped for non-finite values.
         Raises ``RuntimeError`` when no parameter has a gradient (call it after ``backward``).
         """
-        params = model.parameters() if isinstance(model, nn.Module) else model
-        seen: set[int] = set()
-        contribs: list[tuple[Tensor, Tensor]] = []
-        for p in params:
-            if id(p) in seen or p.grad is None:
-                continue
-            seen.add(id(p))
-            g = p.grad.detach()
-            if g.is_sparse:
-                g = g.to_dense()
-            if g.shape != p.shape:
-                continue
-            g = g.float()
-            if grad_scale is not None:
-                g = g / float(grad_scale)
-            contribs.append((p, self.contribution(p.detach().float(), g)))
-        if not contribs:
-            raise RuntimeError(
-                f"{type(self).__name__}.accumulate(): no parameter has a gradient. Call it right after "
-                "loss.backward() (and before optimizer.zero_grad())."
-            )
+        with torch.no_grad():
+            contribs: list[tuple[Tensor, Tensor]] = []
+            for p, g in _parameter_gradients(model):
+                g = g.detach().float()
+                if grad_scale is not None:
+                    g = g / float(grad_scale)
+                contribs.append((p, self.contribution(p.detach().float(), g)))
+            if not contribs:
+                raise RuntimeError(
+                    f"{type(self).__name__}.accumulate(): no parameter has a gradient. Call it right after "
+                    "loss.backward() (and before optimizer.zero_grad())."
+                )
+            return self.add_batch(contribs)
+
+    @torch.no_grad()
+    def add_batch(self, contribs: Sequence[tuple[Tensor, Tensor]]) -> bool:
+        """Add one batch's per-entry statistics, ``(parameter, statistic shaped like it)`` pairs,
+        to the running sums (the shared machinery of every way of accumulating). Returns False,
+        adding nothing, when a statistic is not finite (counted in ``skipped_batches``)."""
         by_device: dict[torch.device, list[Tensor]] = {}
         for _, c in contribs:
             by_device.setdefault(c.device, []).append(torch.isfinite(c).all())
@@ -605,6 +652,14 @@ class GradientImportance(ParamImportance):
                 entry.count += 1
         self.num_batches += 1
         return True
+
+    def mean_statistic(self, param: Tensor) -> Tensor | None:
+        """The mean over the accumulated batches of ``param``'s per-entry statistic (float32,
+        shaped like it), or None when nothing was accumulated for it or it was pruned since."""
+        entry = self._acc.get(id(param))
+        if entry is None or entry.param() is not param or entry.total.shape != param.shape:
+            return None
+        return entry.total / entry.count
 
     def reset(self) -> None:
         """Forget every accumulated batch."""
@@ -719,11 +774,205 @@ class FisherImportance(GradientImportance):
     is the sum of ``F`` over every parameter entry of the group that belongs to ``c``, then
     normalised. This is the Optimal-Brain-Damage estimate ``1/2 * F_ii * w_i^2`` of the loss
     increase with the empirical Fisher ``E[g_i^2]`` for the Hessian diagonal, up to the factor 1/2
-    (ranking is unaffected); gradients are taken per batch.
+    (ranking is unaffected), with the weights of each batch; gradients are taken per batch.
+    :class:`OBDImportance` (``"obd"``) uses the weights at scoring time instead, and can estimate
+    the diagonal by Hutchinson's method (``"hessian"``).
     """
 
     def contribution(self, weight: Tensor, grad: Tensor) -> Tensor:
         return (weight * grad).pow(2)
+
+
+#: Ways :class:`OBDImportance` estimates the Hessian diagonal.
+HESSIAN_ESTIMATORS: tuple[str, ...] = ("fisher", "hutchinson")
+
+
+class OBDImportance(GradientImportance):
+    """Optimal Brain Damage (LeCun et al., 1990): the loss increase of removing a channel,
+    ``sum over its entries of 1/2 * H_ii * w_i^2``, with ``H_ii`` an estimate of the diagonal of
+    the Hessian of the loss averaged over the accumulated batches.
+
+    The score of root channel ``c`` (default ``group_reduction="sum"``) is that sum over every
+    parameter entry of the group that belongs to ``c`` (weights and biases of every layer the
+    group touches), with the weights as they are when the group is scored, then normalised.
+
+    ``estimator`` says where ``H_ii`` comes from:
+
+    * ``"fisher"`` (the criterion named ``"obd"``): the empirical Fisher, ``H_ii ~ mean over
+      batches of g_i^2`` with ``g`` the batch gradient. :meth:`accumulate` adds ``g^2`` after each
+      backward pass (``grad_scale`` divides ``g`` first), exactly like Taylor and Fisher, so the
+      callback, the Hugging Face callback and a plain loop use it unchanged. It differs from
+      :class:`FisherImportance` (``mean of (w_i g_i)^2``) by taking the weights at scoring time,
+      not per batch.
+    * ``"hutchinson"`` (the criterion named ``"hessian"``): Hutchinson's estimator
+      ``H_ii ~ mean of z_i (H z)_i`` over Rademacher vectors ``z`` (``samples`` per batch), from
+      Hessian-vector products, which need the gradient's own graph. Either call
+      :meth:`accumulate_hutchinson` with the batch's loss (the gradients are taken by it; ``.grad``
+      is left alone and ``loss.backward()`` can follow), or run
+      ``loss.backward(create_graph=True)`` and then :meth:`accumulate` (in Lightning: override
+      ``LightningModule.backward`` to pass ``create_graph=True``; full precision only: an AMP
+      ``GradScaler`` unscales ``.grad`` in place). The estimate is unbiased but noisy and may be
+      negative away from a minimum; a negative entry counts as 0 in the score (OBD's quadratic
+      model assumes a minimum). :meth:`hessian_diagonal` gives the raw mean estimate.
+
+    State (:meth:`state_dict`) is that of every gradient criterion plus the estimator; the
+    random draws of Hutchinson's vectors are not part of it.
+    """
+
+    def __init__(
+        self,
+        estimator: str = "fisher",
+        samples: int = 1,
+        group_reduction: str = "sum",
+        normalizer: str | None = "mean",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(group_reduction, normalizer)
+        self.estimator = _check_choice(estimator, HESSIAN_ESTIMATORS, "estimator")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"OBDImportance: samples must be an integer >= 1, got {samples!r}")
+        self.samples = samples
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        if seed is not None:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed)
+
+    def contribution(self, weight: Tensor, grad: Tensor) -> Tensor:
+        return grad * grad
+
+    def accumulate(self, model: nn.Module | Iterable[Tensor], grad_scale: float | None = None) -> bool:
+        """Add one batch: ``g^2`` of the current gradients (``"fisher"``), or Hutchinson's
+        estimate from gradients computed with ``loss.backward(create_graph=True)``
+        (``"hutchinson"``). ``grad_scale``, the return value and the errors are those of
+        :meth:`GradientImportance.accumulate`."""
+        if self.estimator == "fisher":
+            return super().accumulate(model, grad_scale)
+        pairs = _parameter_gradients(model)
+        if not pairs:
+            raise RuntimeError(
+                "OBDImportance.accumulate(): no parameter has a gradient. Call it right after "
+                "loss.backward(create_graph=True) (and before optimizer.zero_grad())."
+            )
+        with_graph = [(p, g) for p, g in pairs if g.requires_grad]
+        if not with_graph:
+            raise RuntimeError(
+                "OBDImportance(estimator='hutchinson') needs Hessian-vector products, so the gradients "
+                "must keep their graph: call loss.backward(create_graph=True) before accumulate(model) "
+                "(in Lightning, override LightningModule.backward), or call "
+                "accumulate_hutchinson(model, loss) instead of backward; importance='obd' estimates the "
+                "Hessian diagonal from plain gradients"
+            )
+        return self.add_batch(self._hutchinson(with_graph, self.samples, grad_scale))
+
+    def accumulate_hutchinson(
+        self,
+        model: nn.Module | Iterable[Tensor],
+        loss: Tensor,
+        samples: int | None = None,
+        grad_scale: float | None = None,
+    ) -> bool:
+        """Add Hutchinson's estimate of the Hessian diagonal of ``loss`` for one batch.
+
+        Takes the gradients of ``loss`` with respect to the parameters of ``model`` that need
+        grad (``create_graph=True``) and ``samples`` (default: the criterion's) Hessian-vector
+        products with Rademacher vectors; ``.grad`` is not touched and the loss's graph is kept,
+        so ``loss.backward()`` can follow as usual. ``grad_scale``: the loss was multiplied by it
+        (AMP ``scaler.scale(loss)``). Returns False when the batch was skipped for non-finite
+        values.
+        """
+        if self.estimator != "hutchinson":
+            raise RuntimeError(
+                "accumulate_hutchinson(): this criterion estimates the Hessian diagonal from the "
+                "empirical Fisher (estimator='fisher', importance='obd'); use importance='hessian' or "
+                "OBDImportance(estimator='hutchinson') for Hutchinson's estimate"
+            )
+        params = model.parameters() if isinstance(model, nn.Module) else model
+        unique: dict[int, Tensor] = {}
+        for p in params:
+            if p.requires_grad:
+                unique.setdefault(id(p), p)
+        plist = list(unique.values())
+        if not plist:
+            raise RuntimeError("accumulate_hutchinson(): no parameter of the model requires grad")
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+        with_graph = [(p, g) for p, g in zip(plist, grads) if g is not None and g.requires_grad]
+        if not with_graph:
+            raise RuntimeError(
+                "accumulate_hutchinson(): the gradient of the loss does not depend on the parameters "
+                "(the loss is linear in them or was computed without grad), so its Hessian is zero"
+            )
+        n = self.samples if samples is None else samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"accumulate_hutchinson(): samples must be an integer >= 1, got {samples!r}")
+        return self.add_batch(self._hutchinson(with_graph, n, grad_scale))
+
+    def _hutchinson(
+        self, pairs: Sequence[tuple[Tensor, Tensor]], samples: int, grad_scale: float | None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, mean of z * (H z) over samples)`` for parameters whose gradients ``g``
+        keep their graph. A parameter whose gradient has no graph has a zero Hessian row (and,
+        by symmetry, column), so leaving it out changes no product."""
+        params = [p for p, _ in pairs]
+        grads = [g for _, g in pairs]
+        totals = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        with torch.enable_grad():
+            for _ in range(samples):
+                zs = [self._rademacher(g) for g in grads]
+                hvs = torch.autograd.grad(
+                    grads, params, grad_outputs=zs, retain_graph=True, allow_unused=True
+                )
+                for total, z, hv in zip(totals, zs, hvs):
+                    if hv is not None:
+                        total.add_(z.detach().float() * hv.detach().float())
+        return [(p, t / (samples * scale)) for p, t in zip(params, totals)]
+
+    def _rademacher(self, like: Tensor) -> Tensor:
+        """A tensor of random +-1 shaped like ``like`` (from the seeded generator when set)."""
+        if self.generator is not None:
+            bits = torch.randint(0, 2, like.shape, generator=self.generator).to(like.device)
+        else:
+            bits = torch.randint(0, 2, like.shape, device=like.device)
+        return (bits * 2 - 1).to(like.dtype)
+
+    def hessian_diagonal(self, param: Tensor) -> Tensor | None:
+        """The estimate of the Hessian diagonal of ``param`` (mean over the accumulated batches,
+        float32, shaped like it; unclamped), or None when none was accumulated for it."""
+        return self.mean_statistic(param)
+
+    def param_tensor(self, param: Tensor) -> Tensor | None:
+        h = super().param_tensor(param)
+        if h is None:
+            return None
+        if self.estimator == "hutchinson":
+            h = h.clamp(min=0)
+        w = param.detach().float()
+        return 0.5 * h * w * w
+
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The statistics of :meth:`GradientImportance.state_dict` plus ``"estimator"``."""
+        state = super().state_dict(model)
+        state["estimator"] = self.estimator
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Restore a :meth:`state_dict`; statistics of another estimator are refused."""
+        saved = state.get("estimator", self.estimator)
+        if saved != self.estimator:
+            raise ValueError(
+                f"OBDImportance.load_state_dict(): the state holds {saved!r} statistics but this criterion "
+                f"uses estimator={self.estimator!r}; load it into OBDImportance(estimator={saved!r}) "
+                f"(importance={'obd' if saved == 'fisher' else 'hessian'!r})"
+            )
+        super().load_state_dict(state, model)
+
+    def __repr__(self) -> str:
+        return (
+            f"OBDImportance(estimator={self.estimator!r}, samples={self.samples}, "
+            f"group_reduction={self.group_reduction!r}, normalizer={self.normalizer!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,8 +983,11 @@ IMPORTANCES: dict[str, Callable[..., Importance]] = {
     "magnitude": MagnitudeImportance,
     "l1": lambda **kw: MagnitudeImportance(p=1, **kw),
     "l2": lambda **kw: MagnitudeImportance(p=2, **kw),
+    "lamp": lambda **kw: MagnitudeImportance(**{"p": 2, "normalizer": "lamp", **kw}),
     "taylor": TaylorImportance,
     "fisher": FisherImportance,
+    "obd": lambda **kw: OBDImportance(**{"estimator": "fisher", **kw}),
+    "hessian": lambda **kw: OBDImportance(**{"estimator": "hutchinson", **kw}),
     "bn_scale": BNScaleImportance,
     "random": RandomImportance,
 }
@@ -749,8 +1001,9 @@ def importance_key(name: str) -> str:
 
 
 def get_importance(name: str | Importance | Callable, **kwargs: Any) -> Importance | Callable:
-    """A criterion by name (``"magnitude"``, ``"l1"``, ``"l2"``, ``"taylor"``, ``"fisher"``,
-    ``"bn_scale"``, ``"random"``; see :func:`importance_key`); objects are returned as they are."""
+    """A criterion by name (``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"``, ``"taylor"``,
+    ``"fisher"``, ``"obd"``, ``"hessian"``, ``"bn_scale"``, ``"random"``; see
+    :func:`importance_key`), built with ``kwargs``; objects are returned as they are."""
     if not isinstance(name, str):
         if callable(name):
             return name

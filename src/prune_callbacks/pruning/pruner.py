@@ -80,6 +80,7 @@ _SETTING_ARGS = (
     "prune_num_heads",
     "head_pruning_ratio",
     "target_speedup",
+    "isomorphic",
 )
 
 
@@ -97,8 +98,9 @@ class Pruner:
         example_inputs: inputs for one forward pass (tensor, tuple of positional arguments or
             dict of keyword arguments), used to trace the model.
         importance: an :class:`~.importance.Importance` (or any ``fn(group) -> scores``) or a
-            name: ``"magnitude"``, ``"l1"``, ``"l2"``, ``"taylor"``, ``"fisher"``, ``"bn_scale"``,
-            ``"random"`` (default: the settings' criterion, ``"taylor"``).
+            name: ``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"``, ``"taylor"``, ``"fisher"``,
+            ``"obd"``, ``"hessian"``, ``"bn_scale"``, ``"random"`` (default: the settings' criterion,
+            ``"taylor"``).
         pruning_ratio: fraction of the original channels of every group to remove after the
             last step, in [0, 1) (default 0.5, or the last ratio of an explicit schedule).
         pruning_ratio_dict: ``{module or name pattern or tuple of them: ratio}``; a group whose
@@ -122,6 +124,9 @@ class Pruner:
             ``dense MACs / target_speedup`` (within 3%), > 1; an alternative to
             ``pruning_ratio`` (setting both is an error). With several steps, the MAC reduction
             follows the schedule.
+        isomorphic: with global ranking, rank channels only among groups of the same structure
+            (isomorphic pruning), each structure class losing the same fraction (see
+            :class:`PruningSettings`).
         unwrapped_parameters: bare parameters to prune, ``{param or name: dim}``.
         customized_pruners: ``{module class: LayerPruner}`` for module types the library does
             not know.
@@ -152,6 +157,7 @@ class Pruner:
         prune_num_heads: bool = False,
         head_pruning_ratio: float = 0.0,
         target_speedup: float | None = None,
+        isomorphic: bool = False,
         unwrapped_parameters: Any = None,
         customized_pruners: Mapping[type, Any] | None = None,
         *,

@@ -8,6 +8,17 @@ original channels), at least one channel is kept, ``pruning_ratio_dict`` gives g
 ratio (pruned locally), attention-head groups lose ``head_pruning_ratio`` of their heads, and with
 ``round_to`` the channels kept are a multiple of it.
 
+**Isomorphic ranking** (``isomorphic=True``, with global ranking; Fang et al., 2024). Scores of
+groups of different structure (an MLP's hidden channels and a residual stream, a ResNet's stage 1
+and stage 4) are often on different scales, so one global ranking can empty one kind of block and
+leave another whole. Groups are therefore put in *structure classes* (:meth:`ChannelCounts.structure`:
+the sequence of layer types, pruned sides and kernel shapes of the group's items, and the group's
+original width), channels are ranked only within their class, and every class loses the same
+fraction of its original channels: with a ratio target each class reaches the step's ratio; with
+a MACs budget (:mod:`.budget`) the classes' candidates are interleaved by the fraction their class
+would reach (:meth:`ChannelCounts.global_order`), so every prefix of the order, and so the budget
+that meets the MACs target, prunes every class to the same fraction (within one channel).
+
 **Which** (:class:`ChannelSelector`). The lowest-scoring channels. When the result is not a valid
 prune (grouped convolutions, equal chunks, ``GroupNorm``/attention divisibility) the choice is
 balanced (the same number per convolution group or chunk) or reduced; a group that still cannot be
@@ -58,7 +69,9 @@ class ChannelCounts:
 
     __slots__ = (
         "_ratio_tables",
+        "_structures",
         "head_pruning_ratio",
+        "isomorphic",
         "max_pruning_ratio",
         "original",
         "per_step_ratio",
@@ -79,8 +92,11 @@ class ChannelCounts:
         prune_num_heads: bool,
         head_pruning_ratio: float,
         ratio_by_module: Mapping[int, float],
+        isomorphic: bool = False,
     ) -> None:
         self.schedule = schedule
+        self.isomorphic = isomorphic
+        self._structures: dict[GroupKey, tuple] = {}
         self.max_pruning_ratio = max_pruning_ratio
         self.round_to = round_to
         self.ranks_globally = ranks_globally
@@ -111,6 +127,7 @@ class ChannelCounts:
             prune_num_heads=s.prune_num_heads,
             head_pruning_ratio=s.head_pruning_ratio,
             ratio_by_module=ratio_by_module,
+            isomorphic=s.isomorphic,
         )
 
     # ------------------------------------------------------------------ ratios
@@ -137,6 +154,20 @@ class ChannelCounts:
         if n0 is None:
             n0 = self.original[key] = group_index(group).n
         return n0
+
+    def structure(self, group: Group) -> tuple:
+        """The structure class of ``group`` for isomorphic ranking: its original root-channel
+        count, whether it is scored by heads, and for every item (root first, in the group's
+        order) the layer type, the pruned side and the layer's static shape (kernel size, stride,
+        padding, dilation and grouping of a convolution; the number of dimensions of a bare
+        parameter). Everything in it survives pruning and a resume (the original width is part of
+        the pruner's state), so a group keeps its class for the whole run."""
+        key = group_key(group)
+        sig = self._structures.get(key)
+        if sig is None:
+            items = tuple(_item_structure(item) for item in group)
+            sig = self._structures[key] = (self.remember(group), bool(group.head_blocks), items)
+        return sig
 
     def min_keep(self, n0: int) -> int:
         """Channels a group of ``n0`` original channels keeps at least (``max_pruning_ratio``)."""
@@ -199,15 +230,28 @@ class ChannelCounts:
                 global_idx.append(i)
             else:
                 counts[i] = self.local_count(g, self.remember(g), ratio)
-        if global_idx:
-            total0 = sum(self.remember(groups[i]) for i in global_idx)
-            current = sum(group_index(groups[i]).n for i in global_idx)
+        for part in self.ranking_scopes(groups, global_idx):
+            total0 = sum(self.remember(groups[i]) for i in part)
+            current = sum(group_index(groups[i]).n for i in part)
             want = current - (total0 - int(math.floor(total0 * ratio + 0.5)))
-            ranked = [s for i in global_idx if (s := scores[i]) is not None]
-            chosen = self.global_counts([groups[i] for i in global_idx], ranked, want)
-            for i, c in zip(global_idx, chosen):
+            ranked = [s for i in part if (s := scores[i]) is not None]
+            chosen = self.global_counts([groups[i] for i in part], ranked, want)
+            for i, c in zip(part, chosen):
                 counts[i] = c
         return counts
+
+    def ranking_scopes(self, groups: list[Group], indices: list[int]) -> list[list[int]]:
+        """The sets of groups (positions in ``groups``, from ``indices``) ranked together: all of
+        them, or with isomorphic ranking one set per structure class (in order of first
+        appearance)."""
+        if not indices:
+            return []
+        if not self.isomorphic:
+            return [list(indices)]
+        scopes: dict[tuple, list[int]] = {}
+        for i in indices:
+            scopes.setdefault(self.structure(groups[i]), []).append(i)
+        return list(scopes.values())
 
     def caps(self, groups: list[Group]) -> list[int]:
         """Channels each group may still lose (``max_pruning_ratio``, at least one kept)."""
@@ -215,7 +259,12 @@ class ChannelCounts:
 
     def global_order(self, groups: list[Group], scores: list[Tensor]) -> tuple[list[list[int]], int]:
         """For each group, the positions (in the global ascending order of scores) of its channels
-        that may be pruned (its lowest ``cap`` channels); and the number of candidates."""
+        that may be pruned (its lowest ``cap`` channels); and the number of candidates.
+
+        With isomorphic ranking the order is by structure class instead: within a class by
+        score, across classes by the fraction of its original channels the class has lost once
+        that candidate goes, so that any number of the first candidates prunes every class to the
+        same fraction (within one channel; a class whose candidates run out stops)."""
         caps = self.caps(groups)
         vals, gids = [], []
         for i, (s, cap) in enumerate(zip(scores, caps)):
@@ -228,10 +277,35 @@ class ChannelCounts:
         if not vals:
             return positions, 0
         allv, allg = torch.cat(vals), torch.cat(gids)
-        order = torch.sort(allv, stable=True).indices
+        keys = self._isomorphic_keys(groups, allv, allg) if self.isomorphic else allv
+        order = torch.sort(keys, stable=True).indices
         for pos, gi in enumerate(allg[order].tolist()):
             positions[gi].append(pos)
         return positions, len(order)
+
+    def _isomorphic_keys(self, groups: list[Group], values: Tensor, owners: Tensor) -> Tensor:
+        """Sort keys of the candidates (``values``: scores, ``owners``: group positions) for the
+        isomorphic order: the ``j``-th lowest candidate of a class (0-based) gets
+        ``(channels the class lost so far + j + 1) / channels the class had``."""
+        index: dict[tuple, int] = {}
+        labels = [index.setdefault(self.structure(g), len(index)) for g in groups]
+        cls = torch.tensor(labels, dtype=torch.long)
+        total0 = torch.zeros(len(index), dtype=torch.float64)
+        current = torch.zeros(len(index), dtype=torch.float64)
+        for i, g in enumerate(groups):
+            total0[cls[i]] += self.remember(g)
+            current[cls[i]] += group_index(g).n
+        lost = total0 - current
+        cand_cls = cls[owners]
+        keys = torch.empty(len(values), dtype=torch.float64)
+        for c in range(len(index)):
+            members = (cand_cls == c).nonzero().squeeze(1)
+            if not len(members):
+                continue
+            ranked = members[torch.sort(values[members], stable=True).indices]
+            steps = torch.arange(1, len(ranked) + 1, dtype=torch.float64)
+            keys[ranked] = (lost[c] + steps) / max(float(total0[c]), 1.0)
+        return keys
 
     def budget_counts(self, groups: list[Group], positions: list[list[int]], budget: int) -> list[int]:
         """Channels each group loses when the lowest ``budget`` candidates of the global order
@@ -249,6 +323,21 @@ class ChannelCounts:
             return [0] * len(groups)
         positions, n = self.global_order(groups, scores)
         return self.budget_counts(groups, positions, min(want, n))
+
+
+def _item_structure(item: Any) -> tuple:
+    """What a group item contributes to its group's structure class: layer type, pruned side and
+    the static shape of the layer (see :meth:`ChannelCounts.structure`)."""
+    module = item.dep.target.module
+    side = getattr(item.dep.handler, "side", "out")
+    if isinstance(module, Tensor):
+        return ("parameter", side, module.dim())
+    shape: tuple = ()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        grouping = "depthwise" if depthwise else module.groups
+        shape = (module.kernel_size, module.stride, module.padding, module.dilation, grouping)
+    return (f"{type(module).__module__}.{type(module).__qualname__}", side, shape)
 
 
 def _equal_parts(module: Any, side: str) -> tuple[int, int] | None:

@@ -126,9 +126,9 @@ class PruningSettings:
     with :meth:`replace`, which validates again. See the module docstring for the rules.
 
     What and how much (Pruner, callback, app):
-        importance: criterion name (``taylor``, ``fisher``, ``magnitude``, ``l1``, ``l2``,
-            ``bn_scale``, ``random``), an :class:`~.importance.Importance` (or any
-            ``fn(group) -> scores``), or, in the app, a config with ``_target_``.
+        importance: criterion name (``taylor``, ``fisher``, ``obd``, ``hessian``, ``magnitude``,
+            ``l1``, ``l2``, ``lamp``, ``bn_scale``, ``random``), an :class:`~.importance.Importance`
+            (or any ``fn(group) -> scores``), or, in the app, a config with ``_target_``.
         pruning_ratio: fraction of every group's channels removed after the last step, in [0, 1).
         target_speedup: instead of a ratio, prune until dense MACs / MACs reaches this (> 1);
             channels are then ranked globally.
@@ -139,6 +139,12 @@ class PruningSettings:
         global_pruning: rank channels across groups instead of pruning each group by its share
             (``None``, the default: only with a ``target_speedup``, whose MAC budget is always met
             by global ranking; ``false`` with a speedup target is an error).
+        isomorphic: with global ranking, rank channels only among groups of the same structure
+            (isomorphic pruning, Fang et al. 2024: same layer types, pruned sides, kernel shapes
+            and original width, e.g. all MLP groups of a transformer, all groups of one ResNet
+            stage), every such class losing the same fraction of its channels (with a
+            ``target_speedup``: the same fraction, as large as the MACs target needs); needs
+            global ranking (``global_pruning=true`` or a ``target_speedup``).
         max_pruning_ratio: no group loses more than this fraction of its channels, in (0, 1].
         round_to: channels kept per group are a multiple of this (``None``: off).
         ignored_layers: layers whose output channels are kept (names, glob patterns; the Pruner
@@ -163,6 +169,7 @@ class PruningSettings:
     iterative_steps: Optional[int] = None
     schedule: Any = "linear"
     global_pruning: Optional[bool] = None
+    isomorphic: bool = False
     max_pruning_ratio: float = 1.0
     round_to: Optional[int] = None
     ignored_layers: Any = field(default_factory=list)
@@ -300,6 +307,15 @@ class PruningSettings:
                     "a MACs target (target_speedup) is always met by ranking channels globally",
                     "leave global_pruning unset (null), or prune by pruning_ratio",
                 )
+        self.isomorphic = _flag("isomorphic", self.isomorphic)
+        if self.isomorphic and not self.ranks_globally:
+            raise SettingsError(
+                "isomorphic",
+                True,
+                "ranks channels among groups of the same structure, which needs channels ranked across "
+                "groups (here every group is pruned by its own share)",
+                "set global_pruning=true (or a target_speedup), or isomorphic=false",
+            )
         self.prune_num_heads = _flag("prune_num_heads", self.prune_num_heads)
         self.head_pruning_ratio = _fraction("head_pruning_ratio", self.head_pruning_ratio)
         self.log_group_widths = _flag("log_group_widths", self.log_group_widths)

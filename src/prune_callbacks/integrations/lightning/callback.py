@@ -120,8 +120,9 @@ class StructuredPruning(Callback):
     than their defaults) replace the settings' values, as in the Pruner.
 
     Args:
-        importance: criterion name (``"taylor"``, ``"fisher"``, ``"magnitude"``, ``"l1"``, ``"l2"``,
-            ``"bn_scale"``, ``"random"``) or an importance object.
+        importance: criterion name (``"taylor"``, ``"fisher"``, ``"obd"``, ``"hessian"``,
+            ``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"``, ``"bn_scale"``, ``"random"``) or an
+            importance object.
         pruning_ratio: fraction of every group's channels removed by the last step, in [0, 1).
         target_speedup: instead of a ratio, prune until ``dense MACs / MACs`` reaches this (> 1)
             at the last step. Intermediate steps follow ``schedule`` on the MAC reduction
@@ -151,6 +152,8 @@ class StructuredPruning(Callback):
             prune (through the fit loop's ``min_epochs``, restored at fit end), so that
             ``EarlyStopping`` cannot end it before the schedule is done. Without it, a run that
             stops early warns at fit end which prunes did not run and what the model reached.
+        isomorphic: with global ranking, rank channels only among groups of the same structure,
+            each structure class losing the same fraction (isomorphic pruning).
         pruner_kwargs: the Pruner's arguments that are not pruning settings
             (``unwrapped_parameters``, ``customized_pruners``, ``forward_fn``, ``output_transform``,
             ``root_module_types``, ``fast_subsets``).
@@ -186,6 +189,7 @@ class StructuredPruning(Callback):
         pruner_kwargs: Mapping[str, Any] | None = None,
         iterative_steps: int | None = None,
         hold_early_stopping: bool = False,
+        isomorphic: bool = False,
         *,
         settings: PruningSettings | None = None,
     ) -> None:
@@ -213,6 +217,7 @@ class StructuredPruning(Callback):
             "log_group_widths": log_group_widths,
             "verbose": verbose,
             "hold_early_stopping": hold_early_stopping,
+            "isomorphic": isomorphic,
         }
         self.settings: PruningSettings = PruningSettings.merged(settings, given)
         self.pruner_kwargs: dict[str, Any] = check_pruner_kwargs(pruner_kwargs, "StructuredPruning")
