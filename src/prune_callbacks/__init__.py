@@ -31,6 +31,14 @@ from .pruning.importance import (
 from .pruning.optim_state import prune_optimizer_state
 from .pruning.pruner import Pruner
 from .pruning.settings import PruningSettings, SettingsError
+from .pruning.sparsity import (
+    BNScaleRegularizer,
+    GroupLassoRegularizer,
+    GroupRegularizer,
+    GrowingRegularizer,
+    SparsityReport,
+    get_regularizer,
+)
 
 __all__ = [
     # pruning: the Pruner, its settings and the criteria
@@ -46,8 +54,16 @@ __all__ = [
     "BNScaleImportance",
     "RandomImportance",
     "get_importance",
+    # sparse training before the cut
+    "GroupRegularizer",
+    "GroupLassoRegularizer",
+    "BNScaleRegularizer",
+    "GrowingRegularizer",
+    "SparsityReport",
+    "get_regularizer",
     # Lightning (imported on first use)
     "StructuredPruning",
+    "SparseTraining",
     "PrunedCheckpoints",
     "pruned_from_checkpoint",
     # Hugging Face (imported on first use; needs the [hf] extra)
@@ -80,7 +96,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY = ("StructuredPruning", "pruned_from_checkpoint", "PrunedCheckpoints")
+_LAZY = ("StructuredPruning", "pruned_from_checkpoint", "PrunedCheckpoints", "SparseTraining")
 _LAZY_HF = ("StructuredPruningCallback",)
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "importance_key",
     "lamp_normalize",
     "root_ids",
+    "view_tensor",
 ]
 
 GROUP_REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max", "prod", "first")
@@ -152,8 +153,10 @@ def _weight_columns_are_channels(module: Any, side: str) -> bool:
     )
 
 
-def _view_tensor(module: Any, name: str) -> Tensor | None:
-    """The parameter ``name`` of ``module`` (``""``: the module is itself a bare parameter)."""
+def view_tensor(module: Any, name: str) -> Tensor | None:
+    """The parameter ``name`` of ``module`` as a ``param_views`` entry names it (``""``: the module
+    is itself a bare parameter); None when it has none (the criteria and the sparse-training
+    regularisers read a group's slices through it)."""
     if name == "":
         return module if isinstance(module, Tensor) else None
     try:
@@ -343,7 +346,7 @@ class ParamImportance(Importance):
         total: Tensor | None = None
         columns = _weight_columns_are_channels(module, side)
         for name, view in pruner.param_views(module, side):
-            param = _view_tensor(module, name)
+            param = view_tensor(module, name)
             if param is None:
                 continue
             t = self.param_tensor(param)

@@ -71,7 +71,6 @@ import torch
 import torch.nn as nn
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -103,6 +102,7 @@ from .ddp import (
     world_size,
 )
 from .loggers import log_record, log_settings
+from .optimizers import pending_grad_scale, unwrapped
 from .summary import format_step_line, format_summary
 
 __all__ = ["HISTORY_KEY", "StructuredPruning", "pruned_from_checkpoint"]
@@ -387,7 +387,7 @@ class StructuredPruning(Callback):
             if callable(reset):
                 reset()
             self._window_epoch = epoch
-        self.importance.accumulate(pl_module, grad_scale=_pending_grad_scale(trainer, optimizer))
+        self.importance.accumulate(pl_module, grad_scale=pending_grad_scale(trainer, optimizer))
 
     @override
     def on_train_batch_end(
@@ -607,7 +607,7 @@ class StructuredPruning(Callback):
                 "training_step must return a loss); use importance='magnitude' for a criterion "
                 "without gradients"
             )
-        optimizers = [_unwrapped(opt) for opt in trainer.optimizers]
+        optimizers = [unwrapped(opt) for opt in trainer.optimizers]
         check_optimizer_state(optimizers)
         before = self._widths(pl_module)
         wrapped = release_ddp_wrapper(trainer, pl_module)
@@ -662,23 +662,6 @@ def _last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
         return True
     progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
     return bool(getattr(progress, "is_last_batch", False))
-
-
-def _pending_grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float | None:
-    """The AMP loss scale when gradients are still scaled at ``on_before_optimizer_step``.
-
-    Lightning unscales before the hook, except for optimizers that unscale inside their own
-    ``step`` (fused ones); those gradients are divided by the scale here.
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(_unwrapped(optimizer), "_step_supports_amp_scaling", False):
-        return None
-    return float(scaler.get_scale())
-
-
-def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside a ``LightningOptimizer`` (others as they are)."""
-    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 def _resolve_names(model: nn.Module, specs: Sequence[Any], what: str) -> list[Any]:
