@@ -34,14 +34,12 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..pruning.sensitivity import Allocation, SensitivityResult, allocate, sensitivity_scan
 from .config import SEED, ConfigError, check_data_settings, check_layer_names, check_setting, error
 from .inputs import check_inputs
-from .train import conf_dir, register_configs
+from .train import build_config_node, conf_dir, hydra_choices, register_configs
 
 __all__ = ["ALLOCATION_FILE", "HEATMAP_FILE", "PRUNING_OPTION", "SCAN_FILE", "main", "run"]
 
@@ -108,20 +106,8 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _build(node: Any, key: str, **kwargs: Any) -> Any:
-    """``instantiate(node, **kwargs)`` with a failure turned into a one-line ConfigError naming ``key``."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        message = " ".join(str(cause).split())
-        raise ConfigError(
-            f"{key}: could not build {node.get('_target_')}: {type(cause).__name__}: {message}"
-        ) from None
-
-
 def _data(cfg: DictConfig) -> Any:
-    dm = _build(cfg.data, "data")
+    dm = build_config_node(cfg.data, "data")
     try:
         if hasattr(dm, "prepare_data"):
             dm.prepare_data()
@@ -137,7 +123,7 @@ def _data(cfg: DictConfig) -> Any:
 def _module(cfg: DictConfig, dm: Any) -> pl.LightningModule:
     """The task module wrapping the network (task keys left null taken from the data module), with
     a real batch of one as ``example_input_array`` when the data module offers one."""
-    net = _build(cfg.model, "model")
+    net = build_config_node(cfg.model, "model")
     if isinstance(net, pl.LightningModule):
         return net
     filled = {
@@ -145,7 +131,7 @@ def _module(cfg: DictConfig, dm: Any) -> pl.LightningModule:
         for k, v in cfg.task.items()
         if v is None and not str(k).startswith("_") and hasattr(dm, str(k))
     }
-    lit = _build(cfg.task, "task", model=net, **filled)
+    lit = build_config_node(cfg.task, "task", model=net, **filled)
     if hasattr(dm, "example_batch"):
         lit.example_input_array = dm.example_batch(1)
     return lit
@@ -189,7 +175,7 @@ def _dense_weights(cfg: DictConfig, lit: pl.LightningModule, dm: Any, out: Path)
             "its weights do not fit the dense model (another model, or a pruned one?)",
             "pass a checkpoint of the dense model selected by model=",
         )
-    trainer = _build(
+    trainer = build_config_node(
         cfg.trainer,
         "trainer",
         max_epochs=int(cfg.dense_epochs),
@@ -284,10 +270,6 @@ def _write(out: Path, result: SensitivityResult, allocation: Allocation, cfg: Di
     return files
 
 
-def _choices() -> dict[str, Any]:
-    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-
-
 def train_command(out: Path, choices: Mapping[str, Any]) -> str:
     """The training command that prunes with the written allocation."""
     words = ["python -m prune_callbacks.train"]
@@ -304,7 +286,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (also written into ``allocation.json``'s folder as the files named in it)."""
     start = time.perf_counter()
     _check(cfg)
-    check_inputs(cfg, _choices(), conf_dir())
+    check_inputs(cfg, hydra_choices(), conf_dir())
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     _quiet()
@@ -344,7 +326,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "lower it or scan larger ratios",
         ) from None
     files = _write(out, result, allocation, cfg)
-    command = train_command(out, _choices())
+    command = train_command(out, hydra_choices())
     log.info(
         "allocation for %gx fewer MACs (dry run: %.2fx): %s",
         allocation.target_speedup,

@@ -62,6 +62,8 @@ from .tables import render_table
 
 __all__ = [
     "APP_ROOT",
+    "build_config_node",
+    "hydra_choices",
     "check_schedule_fits",
     "conf_dir",
     "main",
@@ -166,7 +168,7 @@ def _output_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def _choices() -> dict[str, Any]:
+def hydra_choices() -> dict[str, Any]:
     """The option selected in each config group (``{"model": "tiny_llama", ...}``; empty outside Hydra)."""
     if not HydraConfig.initialized():
         return {}
@@ -180,7 +182,7 @@ def _overrides() -> list[str]:
     return [str(o) for o in HydraConfig.get().overrides.task]
 
 
-def _build(cfg: Any, key: str, **kwargs: Any) -> Any:
+def build_config_node(cfg: Any, key: str, **kwargs: Any) -> Any:
     """``instantiate(cfg, **kwargs)``, turning a failure into a one-line ConfigError naming ``key``."""
     try:
         return instantiate(cfg, **kwargs)
@@ -469,13 +471,13 @@ def _build_module(cfg: DictConfig, dm: Any) -> pl.LightningModule:
     ``task`` keys left null are filled from the data module, and a data module with
     ``example_batch`` gives the module its ``example_input_array`` (the callback traces with it).
     """
-    net = _build(cfg.model, "model")
+    net = build_config_node(cfg.model, "model")
     if isinstance(net, pl.LightningModule):
         return net
     if not isinstance(net, torch.nn.Module):
         target = cfg.model.get("_target_")
         raise error("model._target_", target, "did not build an nn.Module", "point it at one")
-    lit = _build(cfg.task, "task", model=net, **_fill_from_data(cfg.task, dm))
+    lit = build_config_node(cfg.task, "task", model=net, **_fill_from_data(cfg.task, dm))
     if hasattr(dm, "example_batch"):
         lit.example_input_array = dm.example_batch(1)
     return lit
@@ -492,7 +494,7 @@ def _make_logger(cfg: DictConfig, out_dir: Path) -> Any:
         return False
     logger_cfg = cfg.logger
     extra = {"save_dir": str(out_dir)} if logger_cfg.get("save_dir", "") is None else {}
-    logger = _build(logger_cfg, "logger", **extra)
+    logger = build_config_node(logger_cfg, "logger", **extra)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if type(logger).__name__ == "WandbLogger":
         logger.experiment.save(str(resolved_path), base_path=str(out_dir), policy="now")
@@ -645,25 +647,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_setting("seed", cfg.get("seed"), SEED)
     check_data_settings(cfg.get("data"))
     check_export_settings(cfg.get("export"))
-    check_inputs(cfg, _choices(), conf_dir())
+    check_inputs(cfg, hydra_choices(), conf_dir())
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = _output_dir(cfg)
-    dm = _build(cfg.data, "data")
+    dm = build_config_node(cfg.data, "data")
     _check_data(cfg.data, dm)
     lit = _build_module(cfg, dm)
     check_layer_names(lit, settings.ignored_layers)
     check_layer_names(lit, list(settings.pruning_ratio_dict), "pruning.pruning_ratio_dict")
-    pruning = _build(cfg.pruning, "pruning")
+    pruning = build_config_node(cfg.pruning, "pruning")
     snapshot = DenseSnapshot()
     model_name = type(lit.model if hasattr(lit, "model") else lit).__name__
     log.info("%s on %s, output in %s", model_name, type(dm).__name__, out_dir)
     log.info("%s", describe_pruning(settings, epochs, cfg.trainer.get("max_epochs")))
 
     logger = _make_logger(cfg, out_dir)
-    trainer = _build(
+    trainer = build_config_node(
         cfg.trainer, "trainer", callbacks=[snapshot, pruning], logger=logger, default_root_dir=str(out_dir)
     )
     fit_start = time.perf_counter()
