@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..pruning.sensitivity import Allocation, SensitivityResult, allocate, sensitivity_scan
 from .config import SEED, ConfigError, check_data_settings, check_layer_names, check_setting, error
 from .inputs import check_inputs
-from .train import build_config_node, conf_dir, hydra_choices, register_configs
+from .train import build_config_node, conf_dir, hydra_choices, quiet_lightning, register_configs
 
 __all__ = ["ALLOCATION_FILE", "HEATMAP_FILE", "PRUNING_OPTION", "SCAN_FILE", "main", "run"]
 
@@ -141,11 +141,6 @@ def _network(lit: pl.LightningModule) -> torch.nn.Module:
     """The network a task module wraps (its ``model`` attribute), or the module itself."""
     net = getattr(lit, "model", None)
     return net if isinstance(net, torch.nn.Module) else lit
-
-
-def _quiet() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _dense_weights(cfg: DictConfig, lit: pl.LightningModule, dm: Any, out: Path) -> str:
@@ -289,7 +284,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_inputs(cfg, hydra_choices(), conf_dir())
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    _quiet()
+    with quiet_lightning():
+        return _scan(cfg, start)
+
+
+def _scan(cfg: DictConfig, start: float) -> dict[str, Any]:
+    """The body of :func:`run` once the config is checked (Lightning's info lines silenced)."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = _out_dir(cfg)
     with open_dict(cfg):

@@ -68,6 +68,7 @@ __all__ = [
     "conf_dir",
     "main",
     "pruning_settings",
+    "quiet_lightning",
     "recipes_dir",
     "register_configs",
     "register_recipes",
@@ -245,7 +246,7 @@ def _detached_copy(module: Any) -> Any:
 
 
 @contextmanager
-def _quiet_lightning() -> Any:
+def quiet_lightning() -> Any:
     """Silence Lightning's informational lines (device summary, tips) for the short evaluation runs."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [lg.level for lg in loggers]
@@ -356,7 +357,7 @@ class DenseSnapshot(pl.Callback):
 def _evaluate(cfg: DictConfig, module: Any, dm: Any, out_dir: Path) -> dict[str, float]:
     """Validation metrics of ``module`` from a plain Trainer (no logger, no callbacks)."""
     tcfg = cfg.trainer
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer = pl.Trainer(
             accelerator=tcfg.get("accelerator", "auto"),
             devices=1,
