@@ -28,7 +28,7 @@ batch), checked against PyTorch at batch 1 (``ort_max_abs_diff``) and timed in a
 ``InferenceSession`` on the same number of threads, in alternating rounds exactly like eager
 PyTorch (``ort_latency_ms``, ``ort_speedup``, ``ort_efficiency``; targets under ``ort_targets``).
 
-Run: ``python benchmarks/latency.py`` (about 10 minutes on 2 cores with ONNX Runtime, 3-4 without);
+Run: ``python benchmarks/latency.py`` (about 24 minutes on 2 cores with ONNX Runtime, half without);
 ``--smoke`` for a quick check at 64x64 with a 2-layer ViT. Results: ``benchmarks/results/latency.json``.
 """
 
