@@ -31,7 +31,9 @@ backward pass.
 Named criteria (:func:`get_importance`): ``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"`` (L2
 magnitude with the LAMP normaliser), ``"taylor"``, ``"fisher"``, ``"obd"`` (Optimal Brain Damage
 with the empirical-Fisher Hessian diagonal), ``"hessian"`` (Optimal Brain Damage with a
-Hutchinson estimate of the Hessian diagonal), ``"bn_scale"``, ``"random"``.
+Hutchinson estimate of the Hessian diagonal), ``"bn_scale"``, ``"random"``, and the calibration
+criteria of :mod:`.calibration`: ``"wanda"`` (activation-aware ``|W| * ||x||``) and ``"flap"``
+(fluctuation, with bias compensation).
 
 **State.** Every criterion owns its state and saves it as plain data and tensors:
 ``state = importance.state_dict(model)`` and ``importance.load_state_dict(state, model)`` (a
@@ -994,6 +996,8 @@ IMPORTANCES: dict[str, Callable[..., Importance]] = {
     "bn_scale": BNScaleImportance,
     "random": RandomImportance,
 }
+# ``"wanda"`` and ``"flap"`` are added by :mod:`.calibration` (which imports this module), imported
+# by :mod:`.settings`, so every entry point (and ``import prune_callbacks``) has them.
 
 
 def importance_key(name: str) -> str:
@@ -1005,8 +1009,8 @@ def importance_key(name: str) -> str:
 
 def get_importance(name: str | Importance | Callable, **kwargs: Any) -> Importance | Callable:
     """A criterion by name (``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"``, ``"taylor"``,
-    ``"fisher"``, ``"obd"``, ``"hessian"``, ``"bn_scale"``, ``"random"``; see
-    :func:`importance_key`), built with ``kwargs``; objects are returned as they are."""
+    ``"fisher"``, ``"obd"``, ``"hessian"``, ``"bn_scale"``, ``"random"``, ``"wanda"``, ``"flap"``;
+    see :func:`importance_key`), built with ``kwargs``; objects are returned as they are."""
     if not isinstance(name, str):
         if callable(name):
             return name

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import calibration  # noqa: F401 - registers the calibration criteria ("wanda", "flap")
 from .importance import IMPORTANCES, Importance, importance_key
 
 __all__ = ["SCHEDULE_ALIASES", "PruningSettings", "SettingsError", "format_value"]
@@ -127,8 +128,10 @@ class PruningSettings:
 
     What and how much (Pruner, callback, app):
         importance: criterion name (``taylor``, ``fisher``, ``obd``, ``hessian``, ``magnitude``,
-            ``l1``, ``l2``, ``lamp``, ``bn_scale``, ``random``), an :class:`~.importance.Importance`
-            (or any ``fn(group) -> scores``), or, in the app, a config with ``_target_``.
+            ``l1``, ``l2``, ``lamp``, ``bn_scale``, ``random``, or the calibration criteria ``wanda``
+            and ``flap``, fed by the forward passes of the pruning epochs), an
+            :class:`~.importance.Importance` (or any ``fn(group) -> scores``), or, in the app, a
+            config with ``_target_``.
         pruning_ratio: fraction of every group's channels removed after the last step, in [0, 1).
         target_speedup: instead of a ratio, prune until dense MACs / MACs reaches this (> 1);
             channels are then ranked globally.
@@ -155,8 +158,8 @@ class PruningSettings:
     When (callback and app):
         epochs: explicit 0-based epochs after which to prune; otherwise ``start_epoch`` to
             ``end_epoch`` (inclusive; default: as many epochs as steps) every ``every_n_epochs``.
-        importance_batches: optimizer steps of gradient statistics gathered before each prune
-            (``None``: the whole pruning epoch).
+        importance_batches: optimizer steps of gradient (or calibration) statistics gathered before
+            each prune (``None``: the whole pruning epoch).
         log_group_widths: log ``prune/width/<group>`` at every prune.
         verbose: report the dense cost at fit start and the pruning table at fit end.
         hold_early_stopping: keep training (and so early stopping such as Lightning's

@@ -383,6 +383,9 @@ class StructuredPruningCallback(TrainerCallback):
             if callable(reset):
                 reset()
             self._window = self.steps_done
+        model = kwargs.get("model")
+        if getattr(self.importance, "requires_calibration", False) and isinstance(model, torch.nn.Module):
+            self.importance.attach(model)  # record this step's forwards too (Wanda, FLAP)
         if self._held_max_grad_norm is None:
             self._held_max_grad_norm = float(args.max_grad_norm or 0.0)
             args.max_grad_norm = math.inf

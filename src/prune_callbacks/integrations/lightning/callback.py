@@ -372,6 +372,18 @@ class StructuredPruning(Callback):
         epochs, epoch = self.prune_epochs, trainer.current_epoch
         while self.steps_done < len(epochs) and epochs[self.steps_done] < epoch:
             self._prune(trainer, pl_module, epochs[self.steps_done])
+        if getattr(self.importance, "requires_calibration", False) and self._accumulating(trainer):
+            self._start_window(trainer)
+            self.importance.attach(pl_module)  # record this batch's forward (Wanda, FLAP)
+
+    def _start_window(self, trainer: pl.Trainer) -> None:
+        """Forget the statistics of an earlier epoch when the first batch of a window arrives."""
+        epoch = trainer.current_epoch
+        if self._window_epoch != epoch:
+            reset = getattr(self.importance, "reset", None)
+            if callable(reset):
+                reset()
+            self._window_epoch = epoch
 
     @override
     def on_before_optimizer_step(
@@ -381,12 +393,7 @@ class StructuredPruning(Callback):
         AMP-unscaled) and not yet clipped, which happens right after this hook."""
         if not self._accumulating(trainer):
             return
-        epoch = trainer.current_epoch
-        if self._window_epoch != epoch:
-            reset = getattr(self.importance, "reset", None)
-            if callable(reset):
-                reset()
-            self._window_epoch = epoch
+        self._start_window(trainer)
         self.importance.accumulate(pl_module, grad_scale=pending_grad_scale(trainer, optimizer))
 
     @override
