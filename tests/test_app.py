@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prune_callbacks.app import train
-from prune_callbacks.app.config import PruningConfig
+from prune_callbacks.app.config import APP_PRUNING_KEYS, PruningConfig, callback_node
 from prune_callbacks.app.help import pruning_key_help, yaml_summary
 from prune_callbacks.app.report import collect, write_report
 from prune_callbacks.measure.flops import count_macs_and_params
@@ -116,8 +116,8 @@ def test_every_recipe_composes_and_builds(recipe: str, capsys: pytest.CaptureFix
     settings = train.pruning_settings(cfg.pruning)  # the one rulebook accepts every recipe
     epochs = train.check_schedule_fits(settings, cfg.trainer.max_epochs)
     assert epochs[-1] < cfg.trainer.max_epochs
-    # --cfg job shows exactly what is passed to the callback: every setting, nothing else.
-    assert set(printed.pruning) == {*PruningSettings().as_dict(), "_target_", "_convert_"}
+    # --cfg job shows every setting passed to the callback and the app's own keys (dry_run), nothing else.
+    assert set(printed.pruning) == {*PruningSettings().as_dict(), "_target_", "_convert_", *APP_PRUNING_KEYS}
     # The recipe's comment says what it reproduces and what to expect.
     text = (train.recipes_dir() / f"{recipe}.yaml").read_text()
     assert "Reproduces" in text and "Expect" in text
@@ -139,7 +139,7 @@ def test_every_group_option_composes(group: str, option: str) -> None:
     cfg = compose_recipe(None, overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if group == "pruning":
-        callback = instantiate(cfg.pruning)
+        callback = instantiate(callback_node(cfg.pruning))  # without the app's own keys (dry_run)
         settings = train.pruning_settings(cfg.pruning)
         assert callback.importance is not None and callback.prune_epochs == train.check_schedule_fits(
             settings, cfg.trainer.max_epochs

@@ -308,6 +308,9 @@ README_TRAIN = "model=digits_resnet data=digits hydra.searchpath=[file://scan] p
 
 @pytest.mark.slow  # the README's commands as written: 5 dense epochs and the scan, then the app (24 epochs)
 def test_readme_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"python -m prune_callbacks.sensitivity {README_SCAN}\n" in readme
+    assert f"python -m prune_callbacks.train {README_TRAIN}\n" in readme
     monkeypatch.chdir(tmp_path)
     run_command(README_SCAN.split())
     _, alloc = _read(tmp_path / "scan")
@@ -324,3 +327,17 @@ def test_readme_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     results = json.loads(path.read_text())
     assert results["pruning"]["pruning_ratio"] == 0.0 and results["pruning"]["target_speedup"] is None
     assert results["speedup"]["macs"] == pytest.approx(alloc["speedup"], rel=1e-6)
+
+
+def test_readme_python_snippet() -> None:
+    """The python block of README.md's "### Sensitivity scan" section, as written."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"^### Sensitivity scan\b.*?```python\n(.*?)```", readme, flags=re.S | re.M)
+    assert match, "README.md has no Sensitivity scan section with a python snippet"
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(match.group(1), "README.md#sensitivity-scan", "exec"), namespace)
+    allocation = namespace["allocation"]
+    assert abs(allocation.speedup - 2.0) <= 0.03 * 2.0
+    assert namespace["callback"].settings.pruning_ratio_dict

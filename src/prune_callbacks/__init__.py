@@ -16,6 +16,7 @@ from .graph.attributes import register_size_attributes
 from .layers import LayerPruner, prune_conv_out_channels, prune_linear_out_channels, track_parameter_updates
 from .measure.export import check_onnx, export_onnx, onnxruntime_latency
 from .measure.flops import count_macs_and_params, count_params, measure_latency
+from .pruning.calibration import FLAPImportance, WandaImportance, add_biases
 from .pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
 from .pruning.importance import (
     BNScaleImportance,
@@ -29,7 +30,9 @@ from .pruning.importance import (
     get_importance,
 )
 from .pruning.optim_state import prune_optimizer_state
+from .pruning.plan import PruningPlan, apply_plan, make_plan, meta_skeleton
 from .pruning.pruner import Pruner
+from .pruning.sensitivity import Allocation, SensitivityResult, allocate, sensitivity_scan
 from .pruning.settings import PruningSettings, SettingsError
 from .pruning.sparsity import (
     BNScaleRegularizer,
@@ -53,6 +56,9 @@ __all__ = [
     "MagnitudeImportance",
     "BNScaleImportance",
     "RandomImportance",
+    "WandaImportance",
+    "FLAPImportance",
+    "add_biases",
     "get_importance",
     # sparse training before the cut
     "GroupRegularizer",
@@ -61,6 +67,11 @@ __all__ = [
     "GrowingRegularizer",
     "SparsityReport",
     "get_regularizer",
+    # which groups can lose how much: sensitivity scan and per-group ratio allocation
+    "sensitivity_scan",
+    "allocate",
+    "SensitivityResult",
+    "Allocation",
     # Lightning (imported on first use)
     "StructuredPruning",
     "SparseTraining",
@@ -83,6 +94,11 @@ __all__ = [
     "load_pruned",
     "get_pruning_history",
     "apply_pruning_history",
+    # big models: plan on a meta copy, apply in place
+    "make_plan",
+    "apply_plan",
+    "PruningPlan",
+    "meta_skeleton",
     "prune_optimizer_state",
     "track_parameter_updates",
     # cost

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from ..pruning.naming import resolve_one
 from ..pruning.settings import PruningSettings, SettingsError, format_value
 
 __all__ = [
+    "APP_PRUNING_KEYS",
     "CALLBACK_TARGET",
     "DATA_SETTINGS",
     "EXPORT_SETTINGS",
@@ -46,6 +48,7 @@ __all__ = [
     "ConfigError",
     "PruningConfig",
     "SettingRule",
+    "callback_node",
     "check_data_settings",
     "check_export_settings",
     "check_layer_names",
@@ -72,10 +75,33 @@ class PruningConfig(PruningSettings):
 
     Hydra only reads the fields (names, types, defaults) of this class; it never instantiates it, so
     the settings' own validation runs once, in :func:`pruning_settings`, on the composed values.
+    ``dry_run`` is the app's own key (:data:`APP_PRUNING_KEYS`): build the callback from
+    :func:`callback_node` of the group, which leaves it out.
     """
 
     _target_: str = CALLBACK_TARGET
     _convert_: str = "all"
+    dry_run: bool = False
+
+
+#: Keys of the ``pruning`` group that the app reads itself (they are no pruning settings and never reach
+#: the callback), with the sentence ``prune-train --help`` shows for each.
+APP_PRUNING_KEYS: dict[str, str] = {
+    "dry_run": (
+        "Show what pruning would do instead of training: build the model, preview every step (the groups, "
+        "which channels or heads each step removes, MACs and parameters after it) on its initial weights, "
+        "write preview.json and stop (a gradient criterion is fed a few training batches first and "
+        "previews its first step only)"
+    ),
+}
+
+
+def callback_node(pruning: Any) -> Any:
+    """The ``pruning`` group without the app's own keys (:data:`APP_PRUNING_KEYS`): what builds the
+    callback. ``pruning`` is an OmegaConf node or a mapping; the result is a new plain mapping."""
+    plain = OmegaConf.to_container(pruning) if OmegaConf.is_config(pruning) else dict(pruning)
+    assert isinstance(plain, dict)
+    return {k: v for k, v in plain.items() if k not in APP_PRUNING_KEYS}
 
 
 def register_pruning_schema() -> None:
@@ -100,7 +126,7 @@ def pruning_settings(pruning: Mapping[str, Any]) -> PruningSettings:
     speedup (``target_speedup: 2.0``), so the message for that case says how to switch to a ratio run.
     """
     try:
-        settings = PruningSettings.from_mapping(pruning, prefix="pruning.")
+        settings = PruningSettings.from_mapping(callback_node(pruning), prefix="pruning.")
     except SettingsError as exc:
         ratio, speedup = pruning.get("pruning_ratio"), pruning.get("target_speedup")
         if exc.key == "pruning.target_speedup" and ratio is not None and speedup is not None:

@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..pruning.settings import PruningSettings
+from .config import APP_PRUNING_KEYS
 
 __all__ = ["HELP_OPTION", "help_template", "pruning_key_help", "register_help", "yaml_summary"]
 
@@ -169,7 +170,7 @@ def help_template(conf_dir: Path, recipes_dir: Path) -> str:
         "pruning_ratio and target_speedup are alternatives: setting both is an error (the default sets",
         "target_speedup=2.0; use pruning=taylor_ratio, or add pruning.target_speedup=null, for a ratio).",
     ]
-    lines += _entries(pruning_key_help())
+    lines += _entries([*pruning_key_help(), *APP_PRUNING_KEYS.items()])
     lines += [
         "",
         "== Other keys ==",

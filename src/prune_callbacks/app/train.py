@@ -26,8 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..measure.flops import count_macs_and_params, count_params, measure_latency
+from ..pruning.pruner import Pruner
 from ..pruning.settings import PruningSettings
 from .config import (
     SEED,
     ConfigError,
+    callback_node,
     check_data_settings,
     check_export_settings,
     check_layer_names,
@@ -65,6 +68,7 @@ __all__ = [
     "build_config_node",
     "hydra_choices",
     "check_schedule_fits",
+    "check_sweep_plugins",
     "conf_dir",
     "main",
     "pruning_settings",
@@ -659,7 +663,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     lit = _build_module(cfg, dm)
     check_layer_names(lit, settings.ignored_layers)
     check_layer_names(lit, list(settings.pruning_ratio_dict), "pruning.pruning_ratio_dict")
-    pruning = build_config_node(cfg.pruning, "pruning")
+    if cfg.pruning.get("dry_run"):
+        return _dry_run(settings, lit, dm, out_dir, start)
+    pruning = build_config_node(callback_node(cfg.pruning), "pruning")
     snapshot = DenseSnapshot()
     model_name = type(lit.model if hasattr(lit, "model") else lit).__name__
     log.info("%s on %s, output in %s", model_name, type(dm).__name__, out_dir)
@@ -704,22 +710,165 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _task(cfg: DictConfig) -> float | None:
-    """Hydra task: run the job; a configuration mistake prints one line to stderr and exits with status 2."""
+#: Training batches a gradient criterion is fed before a dry run previews its first step.
+DRY_RUN_BATCHES = 4
+PREVIEW_FILE = "preview.json"
+
+
+def _gather_gradients(pruner: Pruner, lit: pl.LightningModule, dm: Any) -> int:
+    """Feed a gradient criterion :data:`DRY_RUN_BATCHES` training batches (the task's own loss,
+    outside any Trainer); return how many were used. Gradients are cleared afterwards."""
+    importance: Any = pruner.importance
+    if not getattr(importance, "requires_gradients", False):
+        return 0
+    loader = dm.train_dataloader()
+    used = 0
+    collecting = getattr(importance, "collecting", None)  # Wanda, FLAP: forward statistics
+    recording = collecting(lit) if callable(collecting) else nullcontext()
+    with recording, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer to log to: expected
+        for index, batch in zip(range(DRY_RUN_BATCHES), loader):
+            out = lit.training_step(batch, index)
+            loss = out["loss"] if isinstance(out, Mapping) else out
+            if not isinstance(loss, torch.Tensor):
+                raise error(
+                    "pruning.dry_run",
+                    True,
+                    f"{type(importance).__name__} needs a loss and {type(lit).__name__}.training_step "
+                    f"returned {type(out).__name__}",
+                    "return the loss (or a dict with 'loss') from training_step, or preview with "
+                    "pruning.importance=magnitude",
+                )
+            lit.zero_grad(set_to_none=True)
+            loss.backward()
+            importance.accumulate(lit)
+            used += 1
+    lit.zero_grad(set_to_none=True)
+    return used
+
+
+def _dry_run(
+    settings: PruningSettings, lit: pl.LightningModule, dm: Any, out_dir: Path, start: float
+) -> dict[str, Any]:
+    """``pruning.dry_run=true``: preview every pruning step on the freshly built model (initial
+    weights, nothing trained, nothing pruned), log the table, write ``preview.json``, return it."""
+    example = lit.example_input_array
+    if example is None:
+        raise error(
+            "pruning.dry_run",
+            True,
+            f"needs example inputs and {type(lit).__name__} has no example_input_array",
+            "set self.example_input_array in the module, or use a data module with example_batch(n)",
+        )
+    pruner = Pruner(lit, example, settings=settings)
+    batches = _gather_gradients(pruner, lit, dm)
+    preview = pruner.preview()
+    fed = f", {settings.importance} fed {batches} training batches" if batches else ""
+    log.info("dry run on the initial weights%s; nothing trained or pruned\n%s", fed, preview)
+    results = {"dry_run": True, "preview": preview.to_dict(), "overrides": _overrides()}
+    results["time_s"] = {"total": time.perf_counter() - start}
+    (out_dir / PREVIEW_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    log.info("preview: %s", out_dir / PREVIEW_FILE)
+    return results
+
+
+#: What a job can return to a sweeper, read from the pruned model's results (see :func:`_objectives`).
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "accuracy": ("pruned", "accuracy"),
+    "macs": ("pruned", "macs"),
+    "params": ("pruned", "params"),
+}
+
+
+def _objectives(cfg: DictConfig) -> list[str]:
+    """The values the job returns to the sweeper, checked before training.
+
+    A top-level ``objectives`` list (names of :data:`OBJECTIVES`) when the config has one; otherwise
+    the sweeper's ``direction`` decides: one direction (or a sweeper without one: the basic grid
+    sweeper) returns the metric, as always; two (the ``hydra/sweeper=pareto`` option: maximize,
+    minimize) return ``(metric, pruned MACs)``. Their number must match the sweeper's directions.
+    """
+    direction: Any = HydraConfig.get().sweeper.get("direction") if HydraConfig.initialized() else None
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    names = cfg.get("objectives")
+    if names is None:
+        return ["accuracy", "macs"] if len(directions) == 2 else ["accuracy"]
+    names = [names] if isinstance(names, str) else [str(n) for n in names]
+    fix = f"use {len(directions)} of: {', '.join(OBJECTIVES)} (one per hydra.sweeper.direction)"
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise error("objectives", names, f"{', '.join(unknown)} is not an objective", fix)
+    if len(names) != len(directions):
+        problem = f"{len(names)} value(s) for a sweeper that optimizes {len(directions)}"
+        raise error("objectives", names, problem, fix)
+    return names
+
+
+#: The Hydra plugin (module under ``hydra_plugins``) each sweep option of ``conf/hydra`` needs, by
+#: ``group=option``: all are in the ``sweep`` extra.
+SWEEP_PLUGINS: dict[str, str] = {
+    "hydra/sweeper=pareto": "hydra_optuna_sweeper",
+    "hydra/sweeper=optuna": "hydra_optuna_sweeper",
+    "hydra/launcher=parallel": "hydra_joblib_launcher",
+    "hydra/launcher=joblib": "hydra_joblib_launcher",
+    "hydra/launcher=cluster_local": "hydra_submitit_launcher",
+    "hydra/launcher=slurm": "hydra_submitit_launcher",
+    "hydra/launcher=submitit_local": "hydra_submitit_launcher",
+    "hydra/launcher=submitit_slurm": "hydra_submitit_launcher",
+}
+
+
+def _has_plugin(plugin: str) -> bool:
+    import importlib.util
+
     try:
+        return importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+    except ModuleNotFoundError:  # no Hydra plugin at all: no hydra_plugins package
+        return False
+
+
+def check_sweep_plugins(args: list[str]) -> None:
+    """Refuse, in one line naming the extra, a command line that selects a sweeper or launcher whose
+    Hydra plugin is not installed (Hydra itself would only say it could not load the option)."""
+    for arg in args:
+        choice = str(arg).lstrip("+~")
+        plugin = SWEEP_PLUGINS.get(choice)
+        if plugin is not None and not _has_plugin(plugin):
+            group, _, option = choice.partition("=")
+            raise error(
+                group,
+                option,
+                f"needs the Hydra plugin {plugin.replace('_', '-')}, which is not installed",
+                "pip install prune_callbacks[sweep]",
+            )
+
+
+def _task(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    """Hydra task: run the job and return its objectives to the sweeper (:func:`_objectives`: the pruned
+    metric, or ``(metric, MACs)`` for a two-direction sweeper such as ``hydra/sweeper=pareto``).
+
+    A configuration mistake prints one line to stderr and exits with status 2.
+    """
+    try:
+        names = _objectives(cfg)
         results = run(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    accuracy = results["pruned"].get("accuracy")
-    return float(accuracy) if accuracy is not None else None
+    if results.get("dry_run"):
+        return None
+    values = [results[OBJECTIVES[n][0]].get(OBJECTIVES[n][1]) for n in names]
+    if len(values) == 1:
+        return float(values[0]) if values[0] is not None else None
+    return None if None in values else tuple(float(v) for v in values)
 
 
 def main() -> None:
     """Console entry point (``prune-train``): the Hydra app over ``conf/`` with the recipes registered."""
     try:
         config_path = conf_dir()
-    except FileNotFoundError as exc:
+        check_sweep_plugins(sys.argv[1:])
+    except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     register_configs()
