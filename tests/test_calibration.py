@@ -370,3 +370,17 @@ def test_callback_one_epoch_with_wanda(tmp_path: Path) -> None:
     assert not callback.importance.attached
     with torch.no_grad():
         assert math.isfinite(float(module(torch.randn(1, 3, 8, 8)).sum()))
+
+
+def test_readme_snippet() -> None:
+    """The python block of README.md's "### Calibration criteria" section, as written."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"^### Calibration criteria\b.*?```python\n(.*?)```", readme, flags=re.S | re.M)
+    assert match, "README.md has no Calibration criteria section with a python snippet"
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(match.group(1), "README.md#calibration-criteria", "exec"), namespace)
+    mlp, attention = namespace["mlp"], namespace["attention"]
+    assert (mlp.up_proj.out_features, attention.q_proj.out_features) == (64, 32)
+    assert namespace["pruner"].importance.num_batches == 0  # the step used the statistics, then forgot them
