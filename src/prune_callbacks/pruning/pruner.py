@@ -53,7 +53,7 @@ from .preview import PruningPreview, StepPreview, changes_of_records
 from .selection import ChannelCounts, ChannelSelector, group_key
 from .settings import PruningSettings
 from .subsets import Plan, SubsetGroups
-from .timing import PhaseTimer
+from .timing import PhaseListener, PhaseTimer
 
 __all__ = ["SCHEDULES", "Pruner", "count_macs_and_params"]
 
@@ -289,6 +289,17 @@ class Pruner:
     @timings.setter
     def timings(self, value: dict[str, float]) -> None:
         self._timer.timings = value
+
+    @contextmanager
+    def phase_listener(self, listener: PhaseListener) -> Iterator[None]:
+        """Within the block, ``listener(phase, started)`` is called as each phase of the work
+        ("importance", "selection", "pruning", "macs", ...) starts and ends: what a progress
+        display needs during a long step on a big model. The previous listener is put back after."""
+        previous, self._timer.listener = self._timer.listener, listener
+        try:
+            yield
+        finally:
+            self._timer.listener = previous
 
     @property
     def groups(self) -> list[Group]:

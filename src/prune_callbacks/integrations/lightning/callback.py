@@ -64,6 +64,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -103,6 +104,7 @@ from .ddp import (
 )
 from .loggers import log_record, log_settings
 from .optimizers import pending_grad_scale, unwrapped
+from .progress import PruneProgress, wants_progress
 from .summary import format_step_line, format_summary
 
 __all__ = ["HISTORY_KEY", "StructuredPruning", "pruned_from_checkpoint"]
@@ -619,7 +621,7 @@ class StructuredPruning(Callback):
         before = self._widths(pl_module)
         wrapped = release_ddp_wrapper(trainer, pl_module)
         try:
-            with track_parameter_updates() as updates:
+            with self._progress(trainer, pruner), track_parameter_updates() as updates:
                 pruner.step()
             prune_optimizer_state(optimizers, updates)
         finally:
@@ -634,6 +636,15 @@ class StructuredPruning(Callback):
         log_record(trainer, record, dense=False, group_widths=self.settings.log_group_widths)
         if self.settings.verbose:
             rank_zero_info(format_step_line(record, len(self.prune_epochs)))
+
+    def _progress(self, trainer: pl.Trainer, pruner: Pruner) -> AbstractContextManager[Any]:
+        """A bar for a long step (rank zero, trainer with a progress bar, ``verbose``), else nothing."""
+        if not (self.settings.verbose and wants_progress(trainer)):
+            return nullcontext()
+        stack = ExitStack()
+        progress = stack.enter_context(PruneProgress(self.steps_done + 1, len(self.prune_epochs)))
+        stack.enter_context(pruner.phase_listener(progress))
+        return stack
 
     def _widths(self, pl_module: pl.LightningModule) -> dict[str, int]:
         """Current channels of every group root recorded at fit start."""
