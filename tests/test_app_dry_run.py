@@ -89,6 +89,9 @@ def test_help_describes_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
         run_app(["--help"])
     out = capsys.readouterr().out
     assert "dry_run" in out and "preview" in out
+    # the sweeper and launcher options of conf/hydra are listed with their first sentence
+    assert "hydra/sweeper:" in out and "pareto" in out and "Pareto search" in out
+    assert "hydra/launcher:" in out and all(name in out for name in ("parallel", "cluster_local", "slurm"))
 
 
 def test_readme_dry_run_command(tmp_path: Path) -> None:

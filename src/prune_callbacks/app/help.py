@@ -164,6 +164,11 @@ def help_template(conf_dir: Path, recipes_dir: Path) -> str:
         lines += _group_lines(group.name, what, group.glob("*.yaml"), selected.get(group.name))
     if recipes_dir.is_dir():
         lines += _group_lines("recipe", comments.get("recipe", ""), recipes_dir.glob("*.yaml"), None)
+    hydra_dir = conf_dir / "hydra"  # the app's sweeper and launcher options (need the [sweep] extra)
+    if hydra_dir.is_dir():
+        for sub in sorted(p for p in hydra_dir.iterdir() if p.is_dir() and any(p.glob("*.yaml"))):
+            what = f"Hydra's {sub.name} for sweeps (-m; pip install prune_callbacks[sweep])"
+            lines += _group_lines(f"hydra/{sub.name}", what, sub.glob("*.yaml"), None)
     lines += [
         "",
         "== Pruning keys (pruning.KEY=VALUE) ==",
