@@ -10,13 +10,18 @@ channels that cannot be told apart end up with one id. Besides tensors, the sear
 weights tied between modules and the head size shared by one module's query, key and value
 reshapes. The records become a :class:`~.dependency.Group`.
 
+Channel sets move as *channel sets* (1-D maps over a layer's channels, see
+:func:`~.index_mapping.channel_set`): a layer's record is one, kept as a few runs in the common
+case, so the cost of a search does not grow with the width of the layers; the channel lists of
+the group's items are written once, at the end.
+
 The state of one search lives in the fields of one :class:`ClosureSearch` (made per search).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 
 import torch
@@ -45,7 +50,8 @@ class ClosureSearch:
 
     Fields: ``facts`` (per-layer facts), ``owner`` (the graph the group will belong to),
     ``ignored`` (ids of modules whose output channels must not change), ``edge_maps`` (the map
-    of every tensor reached), ``records`` (per module side, ``{channel: root id}``), ``sources``
+    of every tensor reached), ``records`` (per module side, its channel set: a 1-D
+    :class:`~.index_mapping.RootMap` of the root id of every channel), ``sources``
     (per module side, the module side that first reached it), ``param_dims`` (the channel
     dimension of bare parameters, given for the root or found on the way), ``queue`` (changed
     tensors not yet carried on) and ``union`` (root ids joined so far; None for a subset search,
@@ -81,7 +87,7 @@ class ClosureSearch:
         self.side = side
         self.ignored = ignored
         self.edge_maps: dict[Edge, RootMap] = {}
-        self.records: dict[NodeSide, dict[int, int]] = {}
+        self.records: dict[NodeSide, RootMap] = {}
         self.sources: dict[NodeSide, NodeSide] = {}
         self.param_dims: dict[Node, int] = {root: root_dim} if root_dim is not None else {}
         self.queue: deque[QueueEntry] = deque()
@@ -95,13 +101,16 @@ class ClosureSearch:
         # are joined (see im.RootUnion). A subset closure has one id, so nothing to join.
         union = self.union = im.RootUnion() if len(set(roots)) > 1 else None
         start = (self.root, self.side)
+        n = self.facts.channel_count(self.root, self.side, self.param_dims.get(self.root))
+        if n is None:
+            n = max(idxs, default=0) + 1
         with im.joining_roots(union) if union is not None else nullcontext():
-            self.at_module(self.root, self.side, idxs, roots, start)
+            self.at_module(self.root, self.side, im.channel_map(1, 0, n, idxs, roots), start)
             self.drain(start)
         if union is not None and union.parent:
-            for rec in self.records.values():
-                for c, r in rec.items():
-                    rec[c] = union.find(r)
+            records = self.records
+            for key, rec in records.items():
+                records[key] = RootMap(union.canonical(rec.t), rec.explicit)
             edge_maps = self.edge_maps
             for edge, m in edge_maps.items():
                 edge_maps[edge] = RootMap(union.canonical(m.t), m.explicit)
@@ -123,58 +132,51 @@ class ClosureSearch:
         self,
         node: Node,
         s: Side,
-        chans: list[int],
-        croots: list[int],
+        chans: RootMap,
         origin: NodeSide,
         from_edge: Edge | None = None,
     ) -> None:
-        """Record channels ``chans`` (root ids ``croots``) on the module's side ``s`` and put
-        every newly recorded channel on the module's other tensors and tied modules."""
-        if not chans:
+        """Record the channel set ``chans`` (a 1-D map of root ids, see
+        :func:`~.index_mapping.channel_set`) on the module's side ``s`` and put the record, when
+        it grew, on the module's other tensors and tied modules."""
+        if not chans.any():
             return
         facts = self.facts
         coupled = facts.coupled(node)
         rec_side: Side = "out" if coupled else s
         if coupled and facts.dw_mult(node):
             from_edge = None  # whole blocks may add channels to the edge they came from
-            chans, croots, rec_side = self.depthwise_to_in(node, s, chans, croots)
+            chans, rec_side = self.depthwise_to_in(node, s, chans)
         if id(node.module) in self.ignored and (rec_side == "out" or coupled):
             raise Barrier(f"{node.name} is ignored, so its output channels cannot change")
         here = (node, rec_side)
-        got = self._record(here, chans, croots)
-        if got is None:
+        record = self._record(here, chans)
+        if record is None:
             return
-        all_c, all_r = got
         self.sources.setdefault(here, origin)
         for sd in ("in", "out") if coupled else (s,):
             for other, other_side in facts.tied(node, sd):
-                self.at_module(other, other_side, all_c, all_r, here)
+                self.at_module(other, other_side, record, here)
             for e in node.out_edges if sd == "out" else node.in_edges:
                 if e is None or e is from_edge:
                     continue
-                m = self.module_map(node, sd, e, all_c, all_r, rec_side)
+                m = self.module_map(node, sd, e, record, rec_side)
                 if m is not None:
                     self.visit(e, m, here, node)
 
-    def _record(
-        self, key: NodeSide, chans: list[int], croots: list[int]
-    ) -> tuple[list[int], list[int]] | None:
-        """Add channels to the record of a module side: all its channels and root ids when
-        something was new, None otherwise (ids of channels seen before are joined)."""
-        rec = self.records.setdefault(key, {})
-        if rec:
-            new = [(c, r) for c, r in zip(chans, croots) if c not in rec]
-            union = self.union
-            if union is not None and len(new) < len(chans):
-                for c, r in zip(chans, croots):
-                    if c in rec and rec[c] != r:
-                        union.union(rec[c], r)
-            if not new:
-                return None
-            rec.update(new)
-            return list(rec), list(rec.values())
-        rec.update(zip(chans, croots))
-        return (chans, croots) if len(rec) == len(chans) else (list(rec), list(rec.values()))
+    def _record(self, key: NodeSide, chans: RootMap) -> RootMap | None:
+        """Add a channel set to the record of a module side: the whole record when something was
+        new, None otherwise (in a full-index search, ids met on a channel seen before are
+        joined by :func:`~.index_mapping.merge`)."""
+        old = self.records.get(key)
+        if old is not None and old.shape != chans.shape:  # a bare parameter's size found late
+            size = max(old.shape[0], chans.shape[0])
+            old, chans = im.resize_set(old, size), im.resize_set(chans, size)
+        merged, changed = im.merge(old, chans)
+        if not changed:
+            return None
+        self.records[key] = merged
+        return merged
 
     def drain(self, origin0: NodeSide) -> None:
         """Run the queue until no tensor map changes (then couple head sizes, which may queue
@@ -190,7 +192,7 @@ class ClosureSearch:
             elif src.is_module:
                 got = self.read_module(src, "out", edge, m)
                 if got is not None:
-                    self.at_module(src, "out", *got, origin, edge)
+                    self.at_module(src, "out", got, origin, edge)
             else:
                 for kind, i, r in _through(propagation.from_output, src, edge.src_pos, m):
                     for e in _edges_at(src, kind, i):
@@ -201,7 +203,7 @@ class ClosureSearch:
                 if dst.is_module:
                     got = self.read_module(dst, "in", edge, m)
                     if got is not None:
-                        self.at_module(dst, "in", *got, origin, edge)
+                        self.at_module(dst, "in", got, origin, edge)
                 else:
                     # Going back through this op from an output it gave a map adds nothing then,
                     # so that step is skipped (as for a module's own tensors).
@@ -249,18 +251,22 @@ class ClosureSearch:
 
     # ------------------------------------------------------------------ modules and tensors
     def module_map(
-        self, node: Node, side: Side, edge: Edge, chans: list[int], roots: list[int], rec_side: Side
+        self, node: Node, side: Side, edge: Edge, record: RootMap, rec_side: Side
     ) -> RootMap | None:
-        """Channel map on one of a module's tensors for the recorded channels."""
+        """Channel map on one of a module's tensors for the recorded channel set."""
         facts = self.facts
         dim = facts.channel_dim(node, side, edge.shape, self.param_dims)
         if dim is None:
             return None
         size = edge.shape[dim]
         mult = facts.dw_mult(node)
-        if mult and side == "out" and rec_side == "in":
-            chans, roots = _expand_blocks(chans, roots, mult)
         n = facts.channel_count(node, side, self.param_dims.get(node))
+        expand = bool(mult) and side == "out" and rec_side == "in"
+        if (n is None or size == n) and record.shape[0] == size and not expand:
+            return im.spread(record, len(edge.shape), dim)  # the common case: no list per channel
+        chans, roots = im.channel_lists(record)
+        if expand:
+            chans, roots = _expand_blocks(chans, roots, mult)
         if n is None or size == n:
             return im.channel_map(len(edge.shape), dim, size, chans, roots)
         if node.type == OpType.LSTM and side == "out" and size % n == 0:
@@ -270,10 +276,8 @@ class ClosureSearch:
             )
         return None
 
-    def read_module(
-        self, node: Node, side: Side, edge: Edge, m: RootMap
-    ) -> tuple[list[int], list[int]] | None:
-        """Channels of a module implied by a map on one of its tensors."""
+    def read_module(self, node: Node, side: Side, edge: Edge, m: RootMap) -> RootMap | None:
+        """Channel set of a module implied by a map on one of its tensors."""
         param_dims = self.param_dims
         if node.type == OpType.PARAMETER and node.pruning_dim is None and node not in param_dims:
             sq = im.squeeze_constant(m)
@@ -290,11 +294,9 @@ class ClosureSearch:
             if node.type == OpType.LSTM and side == "out" and size % n == 0:
                 return self._fold_directions(node, m, dim, size, n)
             return None
-        return im.channels_at(m, dim, size)
+        return im.channel_set(m, dim, size)
 
-    def _fold_directions(
-        self, node: Node, m: RootMap, dim: int, size: int, n: int
-    ) -> tuple[list[int], list[int]]:
+    def _fold_directions(self, node: Node, m: RootMap, dim: int, size: int, n: int) -> RootMap:
         """Channels of an LSTM from a map on its output, which holds both directions."""
         chans, roots = im.channels_at(m, dim, size)
         folded: dict[int, int] = {}
@@ -305,24 +307,22 @@ class ClosureSearch:
                 union.union(first, r)
         if len(chans) != len(folded) * (size // n):
             raise Barrier(f"{node.name}: forward and backward directions pruned differently")
-        return list(folded), list(folded.values())
+        return im.channel_map(1, 0, n, list(folded), list(folded.values()))
 
-    def depthwise_to_in(
-        self, node: Node, side: Side, chans: list[int], roots: list[int]
-    ) -> tuple[list[int], list[int], Side]:
-        """A depthwise convolution's channels as input channels (its record side)."""
+    def depthwise_to_in(self, node: Node, side: Side, chans: RootMap) -> tuple[RootMap, Side]:
+        """A depthwise convolution's channel set as input channels (its record side)."""
         mult = node.module.out_channels // node.module.in_channels
         if side == "in" or mult == 1:
-            return chans, roots, "in" if mult > 1 else "out"
+            return chans, "in" if mult > 1 else "out"
         # An output channel of a depthwise convolution goes with its input channel, and so with
         # that input's whole block of outputs: the closure grows to whole blocks.
         blocks: dict[int, int] = {}
         union = self.union
-        for c, r in zip(chans, roots):
+        for c, r in zip(*im.channel_lists(chans)):
             first = blocks.setdefault(c // mult, r)
             if union is not None and first != r:
                 union.union(first, r)
-        return list(blocks), list(blocks.values()), "in"
+        return im.channel_map(1, 0, node.module.in_channels, list(blocks), list(blocks.values())), "in"
 
     def make_group(self) -> Group:
         """The group of the records, the root's record first."""
@@ -332,14 +332,39 @@ class ClosureSearch:
         root_key = next(k for k in records if k[0] is root)
         keys = [root_key] + [k for k in records if k != root_key]
         for node, s in keys:
-            rec = records[(node, s)]
-            chans = sorted(rec)
+            channels = records[(node, s)]
             src_node, src_side = sources[(node, s)]
             fn = facts.function(node, s, param_dims.get(node))
             trigger = facts.function(src_node, src_side, param_dims.get(src_node))
-            dep = Dependency(trigger, fn, src_node, node, rec)
-            items.append(GroupItem(dep, chans, [rec[c] for c in chans]))
+            dep = Dependency(trigger, fn, src_node, node, ChannelRecord(channels))
+            items.append(GroupItem(dep, channels=channels))
         return Group(items, self.owner, attribute_updates_for(self.edge_maps), self.edge_maps)
+
+
+class ChannelRecord(Mapping):
+    """A layer's channel set as a dependency's ``{channel: root id}`` index mapping, made on
+    first use (most dependencies are never asked, and a wide layer's dict is thousands of
+    entries)."""
+
+    __slots__ = ("_channels", "_dict")
+
+    def __init__(self, channels: RootMap) -> None:
+        self._channels = channels
+        self._dict: dict[int, int] | None = None
+
+    def _get(self) -> dict[int, int]:
+        if self._dict is None:
+            self._dict = dict(zip(*im.channel_lists(self._channels)))
+        return self._dict
+
+    def __getitem__(self, c: int) -> int:
+        return self._get()[c]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def _through(rule: Callable, node: Node, i: int, m: RootMap) -> list[tuple[str, int, RootMap]]:
@@ -365,4 +390,4 @@ def _expand_blocks(chans: list[int], roots: list[int], mult: int) -> tuple[list[
     return [c * mult + j for c in chans for j in range(mult)], [r for r in roots for _ in range(mult)]
 
 
-__all__ = ["ClosureSearch", "OutputBarrier", "QueueEntry"]
+__all__ = ["ChannelRecord", "ClosureSearch", "OutputBarrier", "QueueEntry"]

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
+from . import index_mapping as im
 from .index_mapping import RootMap
 from .node import Dependency, Edge
 
@@ -35,12 +36,77 @@ class GroupGraph(Protocol):
 
 class GroupItem:
     """One entry of a group; unpacks as ``dep, idxs``. ``root_idxs[i]`` is the root channel
-    that ``idxs[i]`` belongs to."""
+    that ``idxs[i]`` belongs to.
 
-    __slots__ = ("dep", "idxs", "root_idxs")
+    An item made by a closure search holds its channels as a channel set (``channels``: a 1-D
+    :class:`~.index_mapping.RootMap` of the root id of every channel, a few runs in the common
+    case) and writes the lists ``idxs`` and ``root_idxs`` on first use: a wide layer's lists are
+    thousands of Python ints, and most items of the groups of a big model are only counted
+    (:attr:`count`) or indexed as tensors (:meth:`index_tensors`). Setting ``idxs`` or
+    ``root_idxs`` drops the channel set (change them by assignment, not in place).
+    """
 
-    def __init__(self, dep: Dependency, idxs: list[int], root_idxs: list[int]) -> None:
-        self.dep, self.idxs, self.root_idxs = dep, idxs, root_idxs
+    __slots__ = ("dep", "_idxs", "_root_idxs", "channels")
+
+    def __init__(
+        self,
+        dep: Dependency,
+        idxs: list[int] | None = None,
+        root_idxs: list[int] | None = None,
+        channels: RootMap | None = None,
+    ) -> None:
+        if channels is None and (idxs is None or root_idxs is None):
+            raise TypeError("GroupItem needs idxs and root_idxs, or a channel set")
+        self.dep = dep
+        self._idxs, self._root_idxs, self.channels = idxs, root_idxs, channels
+
+    def _lists(self) -> None:
+        if self._idxs is None or self._root_idxs is None:
+            assert self.channels is not None
+            self._idxs, self._root_idxs = im.channel_lists(self.channels)
+
+    @property
+    def idxs(self) -> list[int]:
+        """The target layer's channels, ascending."""
+        if self._idxs is None:
+            self._lists()
+        return self._idxs  # type: ignore[return-value]  # written by _lists
+
+    @idxs.setter
+    def idxs(self, value: list[int]) -> None:
+        self._lists()
+        self._idxs, self.channels = value, None
+
+    @property
+    def root_idxs(self) -> list[int]:
+        """The root channel id of every entry of :attr:`idxs`."""
+        if self._root_idxs is None:
+            self._lists()
+        return self._root_idxs  # type: ignore[return-value]  # written by _lists
+
+    @root_idxs.setter
+    def root_idxs(self, value: list[int]) -> None:
+        self._lists()
+        self._root_idxs, self.channels = value, None
+
+    @property
+    def count(self) -> int:
+        """``len(idxs)``, without writing the lists."""
+        if self._idxs is not None:
+            return len(self._idxs)
+        if self.channels is not None:
+            return im.set_count(self.channels)
+        return len(self.idxs)
+
+    def index_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``idxs`` and ``root_idxs`` as long tensors, built from the channel set when the item
+        has one (assign new lists to change an item's channels: that drops the set)."""
+        if self.channels is not None:
+            return im.channel_tensors(self.channels)
+        return (
+            torch.as_tensor(self.idxs, dtype=torch.long),
+            torch.as_tensor(self.root_idxs, dtype=torch.long),
+        )
 
     def __iter__(self) -> Iterator:
         yield self.dep

@@ -190,9 +190,11 @@ class GroupEnumerator:
             src, tgt = match.nodes[dep.source], match.nodes[dep.target]
             trigger = facts.function(src, side_of(dep.trigger), param_dim(dep.trigger))
             handler = facts.function(tgt, side_of(dep.handler), param_dim(dep.handler))
-            items.append(
-                GroupItem(dep.retargeted(trigger, handler, src, tgt), list(it.idxs), list(it.root_idxs))
-            )
+            copied = dep.retargeted(trigger, handler, src, tgt)
+            if it.channels is not None:  # the template's channel set (never changed): shared
+                items.append(GroupItem(copied, channels=it.channels))
+            else:
+                items.append(GroupItem(copied, list(it.idxs), list(it.root_idxs)))
         edge_maps = {match.edges[e]: m for e, m in maps.items()}
         return Group(items, self.owner, attribute_updates_for(edge_maps), edge_maps, template.head_blocks)
 
@@ -328,7 +330,7 @@ class GroupEnumerator:
             side: Side = getattr(handler, "side", "out")  # per item: side_of and param_dim inlined
             pruner = getattr(handler, "pruner", None)
             n = facts.channel_count(node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None)
-            if n is not None and len(item.idxs) >= n:
+            if n is not None and item.count >= n:
                 full.add(item_key(item))
                 if facts.coupled(node) and node.type != OpType.PARAMETER:
                     full.add((id(node), "in" if side == "out" else "out"))

@@ -371,6 +371,14 @@ def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
     The map must not vary along any other dimension: otherwise a channel would be pruned at
     some positions only, which no layer can do.
     """
+    return channel_lists(channel_set(m, dim, size))
+
+
+def channel_set(m: RootMap, dim: int, size: int) -> RootMap:
+    """The pruned channels of dimension ``dim`` (of ``size`` channels) of a map, as a *channel
+    set*: a 1-D map over the ``size`` channels (runs stay runs, so reading the channels of a wide
+    layer costs a few integers, not a Python list per channel). Raises :class:`Barrier` like
+    :func:`channels_at`."""
     dim = dim % m.ndim
     m = collapse(
         m,
@@ -380,19 +388,77 @@ def channels_at(m: RootMap, dim: int, size: int) -> tuple[list[int], list[int]]:
     if m.shape[dim] == 1 and size != 1:
         if m.any():
             raise Barrier(f"every channel of dimension {dim} would be pruned")
-        return [], []
+        return empty_set(size)
     if m.shape[dim] != size:
         raise Barrier(f"dimension {dim} has {m.shape[dim]} positions, the layer expects {size}")
     if m.runs is not None:
+        return RootMap.of_runs((size,), 0, m.runs, (True,))
+    return RootMap(m.t.reshape(size), (True,))
+
+
+def empty_set(size: int) -> RootMap:
+    """The channel set of ``size`` channels with none pruned."""
+    return RootMap.of_runs((size,), 0, [], (True,))
+
+
+def channel_lists(s: RootMap) -> tuple[list[int], list[int]]:
+    """The pruned channels of a channel set (:func:`channel_set`), ascending, and their root ids."""
+    if s.runs is not None:
         idxs: list[int] = []
         roots: list[int] = []
-        for s, e, b, st in m.runs:
-            idxs.extend(range(s, e))
-            roots.extend(range(b, b + e - s) if st else [b] * (e - s))
+        for a, e, b, st in s.runs:
+            idxs.extend(range(a, e))
+            roots.extend(range(b, b + e - a) if st else [b] * (e - a))
         return idxs, roots
-    flat = m.t.reshape(-1)
+    flat = s.t.reshape(-1)
     idxs_t = torch.nonzero(flat >= 0).flatten()
     return idxs_t.tolist(), flat[idxs_t].tolist()
+
+
+def channel_tensors(s: RootMap) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`channel_lists` as two long tensors (built with torch ops, no Python int per channel)."""
+    if s.runs is not None:
+        if not s.runs:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        idxs = torch.cat([torch.arange(a, e) for a, e, _b, _st in s.runs])
+        roots = torch.cat(
+            [torch.arange(b, b + e - a) if st else torch.full((e - a,), b) for a, e, b, st in s.runs]
+        )
+        return idxs, roots
+    flat = s.t.reshape(-1)
+    idxs_t = torch.nonzero(flat >= 0).flatten()
+    return idxs_t, flat[idxs_t]
+
+
+def set_count(s: RootMap) -> int:
+    """How many channels a channel set prunes."""
+    if s.runs is not None:
+        return sum(e - a for a, e, _b, _st in s.runs)
+    return int((s.t >= 0).sum())
+
+
+def resize_set(s: RootMap, size: int) -> RootMap:
+    """A channel set over ``size`` channels (at least its own): the positions added are kept."""
+    n = s.shape[0]
+    if n == size:
+        return s
+    if s.runs is not None:
+        return RootMap.of_runs((size,), 0, s.runs, (True,))
+    out = torch.full((size,), KEPT, dtype=torch.long)
+    out[:n] = s.t.reshape(-1)
+    return RootMap(out, (True,))
+
+
+def spread(s: RootMap, ndim: int, dim: int) -> RootMap:
+    """A channel set as the map of a tensor of ``ndim`` dimensions whose channels lie along
+    ``dim`` (the inverse of :func:`channel_set`; runs stay runs, a tensor is viewed)."""
+    dim = dim % ndim
+    shape = [1] * ndim
+    shape[dim] = s.shape[0]
+    explicit = tuple(d == dim for d in range(ndim))
+    if s.runs is not None:
+        return RootMap.of_runs(shape, dim, s.runs, explicit)
+    return RootMap(s.t.reshape(shape), explicit)
 
 
 def pruned_spans(m: RootMap, dim: int) -> list[tuple[int, int]] | None:

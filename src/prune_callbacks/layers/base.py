@@ -76,7 +76,7 @@ def normalize_idxs(idxs: Idxs, num_channels: int, module: object) -> list[int]:
                 f"{type_name(module)}: channel indices must be integers, got a {idxs.dtype} tensor"
             )
         values = idxs.reshape(-1).tolist()
-    elif isinstance(idxs, list) and all(type(i) is int for i in idxs):
+    elif isinstance(idxs, list) and set(map(type, idxs)) <= {int}:  # no Python call per index
         values = idxs
     else:
         values = [operator.index(i) for i in idxs]

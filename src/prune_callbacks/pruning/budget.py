@@ -61,9 +61,11 @@ class MacEstimate:
     def _add_group(self, graph: DependencyGraph, i: int, group: Group, order: list[int]) -> None:
         n = len(order)
         gi = group_index(group)
-        identity = gi.identity
-        pos: dict[int, int] = {} if identity else {r: j for j, r in enumerate(gi.ids)}
-        for item in group:
+        order_t = torch.as_tensor(order, dtype=torch.long)
+        # the root position of every (item, channel) entry, item by item (tensor ops: a wide
+        # layer's channels cost no Python work each)
+        per_item = torch.split(gi.pos, gi.lengths)
+        for item, positions in zip(group, per_item):
             node = item.dep.target
             if id(node.module) not in self.per_module:
                 continue
@@ -71,14 +73,9 @@ class MacEstimate:
             size = graph.channel_count(node, side)
             if not size:
                 continue
-            mult = [0] * n
-            for r in item.root_idxs:
-                rp = r if identity else pos.get(r)
-                if rp is not None:
-                    mult[rp] += 1
-            cum = [0]
-            for j in order:
-                cum.append(cum[-1] + mult[j])
+            positions = positions[(positions >= 0) & (positions < n)]
+            mult = torch.bincount(positions, minlength=n)
+            cum = [0, *torch.cumsum(mult[order_t], 0).tolist()]
             key = (id(node.module), side)
             self.contrib.setdefault(key, []).append((i, cum))
             self.sizes[key] = size

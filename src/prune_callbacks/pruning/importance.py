@@ -49,7 +49,6 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from itertools import chain
 from typing import Any
 
 import torch
@@ -193,12 +192,15 @@ class GroupIndex:
         self.n = n = len(ids)
         self.identity = n == 0 or (ids[0] == 0 and ids[-1] == n - 1)
         items = list(group)
-        self.lengths = [len(it.idxs) for it in items]
+        self.lengths = [it.count for it in items]
         self.item = torch.repeat_interleave(
             torch.arange(len(items)), torch.as_tensor(self.lengths, dtype=torch.long)
         )
-        self.idx = torch.tensor(list(chain.from_iterable(it.idxs for it in items)), dtype=torch.long)
-        roots = torch.tensor(list(chain.from_iterable(it.root_idxs for it in items)), dtype=torch.long)
+        # from the items' channel sets where they have them: no Python int per channel
+        parts = [it.index_tensors() for it in items]
+        empty = torch.zeros(0, dtype=torch.long)
+        self.idx = torch.cat([p[0] for p in parts]) if parts else empty
+        roots = torch.cat([p[1] for p in parts]) if parts else empty
         if self.identity:
             self.pos = torch.where((roots >= 0) & (roots < n), roots, torch.full_like(roots, -1))
         else:
@@ -227,7 +229,7 @@ class GroupIndexCache:
     def get(self, group: Any) -> GroupIndex:
         """The index of ``group``, built on first request."""
         entry = self._entries.get(id(group))
-        if entry is not None and entry[0] is group and entry[1].lengths == [len(it.idxs) for it in group]:
+        if entry is not None and entry[0] is group and entry[1].lengths == [it.count for it in group]:
             return entry[1]
         gi = GroupIndex(group)
         self._entries[id(group)] = (group, gi)

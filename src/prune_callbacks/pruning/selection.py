@@ -443,7 +443,7 @@ class ChannelSelector:
 
         start = 0
         for k, item in enumerate(group):
-            length = len(item.idxs)
+            length = item.count
             module = item.dep.target.module
             side = getattr(item.dep.handler, "side", "out")
             parts = _equal_parts(module, side)
