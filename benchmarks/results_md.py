@@ -2,8 +2,9 @@
 
 The section sits between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in ``README.md``
 and is generated entirely from ``benchmarks/results/accuracy_digits.json`` and
-``benchmarks/results/latency.json``, so the README's tables always match the last committed run
-(``tests/test_benchmark_results.py`` checks it).
+``benchmarks/results/latency.json``, followed by the subsections of :data:`EXTRA_SECTIONS`
+(``methods.json``, ``llm_perplexity.json``), each rendered by its own script, so the README's
+tables always match the last committed run (``tests/test_benchmark_results.py`` checks it).
 
 Run: ``python benchmarks/results_md.py`` (rewrite the section) or ``--check`` (exit 1 when the
 README is out of date).
@@ -12,6 +13,7 @@ README is out of date).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,12 @@ BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 ACCURACY_FILE = "accuracy_digits.json"
 LATENCY_FILE = "latency.json"
+#: Further subsections, each rendered by a function of its own benchmark script from its JSON:
+#: (results file, script next to this one, function name). A missing results file is skipped.
+EXTRA_SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("methods.json", "methods", "markdown"),
+    ("llm_perplexity.json", "llm_perplexity", "readme_section"),
+)
 
 
 def load_results(results_dir: Path = RESULTS_DIR) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -32,6 +40,36 @@ def load_results(results_dir: Path = RESULTS_DIR) -> tuple[dict[str, Any], dict[
     acc = json.loads((results_dir / ACCURACY_FILE).read_text())
     lat = json.loads((results_dir / LATENCY_FILE).read_text())
     return acc, lat
+
+
+def _script(name: str) -> Any:
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)  # the scripts import each other's helpers by plain name
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(here) / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def extra_sections(results_dir: Path = RESULTS_DIR) -> list[str]:
+    """The :data:`EXTRA_SECTIONS` whose results files exist, rendered by their own scripts."""
+    out = []
+    for filename, script, function in EXTRA_SECTIONS:
+        path = results_dir / filename
+        if path.is_file():
+            out.append(getattr(_script(script), function)(json.loads(path.read_text())).strip())
+    return out
+
+
+def render_all(results_dir: Path = RESULTS_DIR) -> str:
+    """The whole README section: :func:`render` of the accuracy and latency runs, then the
+    :func:`extra_sections`."""
+    body = render(*load_results(results_dir))
+    return "\n\n".join([body, *extra_sections(results_dir)])
 
 
 def _target(s: float | None) -> str:
@@ -214,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, default=README)
     ap.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")
     args = ap.parse_args(argv)
-    body = render(*load_results(args.results))
+    body = render_all(args.results)
     text = args.readme.read_text()
     if args.check:
         if current_section(text) != body:
