@@ -288,3 +288,21 @@ def last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether ``batch_idx`` is the epoch's last training batch: a probe callback listed before
     ``StructuredPruning`` sees the model there right before the epoch's prune."""
     return batch_idx + 1 == trainer.num_training_batches
+
+
+def run_app(args: list[str]) -> None:
+    """Call the Hydra app's entry point (``prune-train``) as the command line would."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prune_callbacks.app import train
+
+    GlobalHydra.instance().clear()
+    argv = sys.argv
+    sys.argv = ["prune-train", *args]
+    try:
+        train.main()
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()

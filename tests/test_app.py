@@ -25,6 +25,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from helpers import run_app
 from prune_callbacks.app import train
 from prune_callbacks.app.config import APP_PRUNING_KEYS, PruningConfig, callback_node
 from prune_callbacks.app.help import pruning_key_help, yaml_summary
@@ -60,16 +61,6 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def run_app(args: list[str]) -> None:
-    """Call the app's entry point as the command line would."""
-    GlobalHydra.instance().clear()
-    argv = sys.argv
-    sys.argv = ["prune-train", *args]
-    try:
-        train.main()
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
 
 
 def app_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
-from prune_callbacks.app import train
+from helpers import run_app
 from prune_callbacks.app.config import APP_PRUNING_KEYS, callback_node
 from prune_callbacks.pruning.pruner import Pruner
 from prune_callbacks.reference.models import DigitsResNet
@@ -23,15 +21,6 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def run_app(args: list[str]) -> None:
-    GlobalHydra.instance().clear()
-    argv = sys.argv
-    sys.argv = ["prune-train", *args]
-    try:
-        train.main()
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
 
 
 def _preview(tmp_path: Path) -> dict:

@@ -8,14 +8,12 @@ The app runs in-process through its real entry point, as in ``tests/test_app.py`
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
-from prune_callbacks.app import train
+from helpers import run_app
 from prune_callbacks.app.config import check_export_settings
 from prune_callbacks.pruning.history import load_pruned
 from prune_callbacks.reference.models import DigitsResNet
@@ -45,16 +43,6 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def run_app(args: list[str]) -> None:
-    """Call the app's entry point as the command line would."""
-    GlobalHydra.instance().clear()
-    argv = sys.argv
-    sys.argv = ["prune-train", *args]
-    try:
-        train.main()
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
 
 
 def app_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:

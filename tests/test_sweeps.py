@@ -14,7 +14,6 @@ import json
 import math
 import shlex
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from helpers import run_app
 from prune_callbacks.app import report, train
 from prune_callbacks.app.config import ConfigError
 from prune_callbacks.app.report import (
@@ -74,16 +74,6 @@ def _in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def run_app(args: list[str]) -> None:
-    """Call the app's entry point as the command line would."""
-    GlobalHydra.instance().clear()
-    argv = sys.argv
-    sys.argv = ["prune-train", *args]
-    try:
-        train.main()
-    finally:
-        sys.argv = argv
-        GlobalHydra.instance().clear()
 
 
 def compose_app(overrides: list[str]) -> object:
