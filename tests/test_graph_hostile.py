@@ -38,7 +38,6 @@ from prune_callbacks.pruning.importance import group_index
 from randnet import (
     HOSTILE_OPS,
     INEXACT_OPS,
-    REDUCTION_OPS,
     hostile_example,
     random_hostile_cnn,
     zero_channels,
@@ -188,8 +187,11 @@ def check_pruner_contract(model: nn.Module, x: torch.Tensor, ops: Sequence[str],
     ]
     if refused:
         assert ours, f"ops={ops}: groups at {refused} were not pruned; no prune_callbacks: warning says why"
-    if REDUCTION_OPS & set(ops):
-        assert ours, f"ops={ops}: a reduction over channels, but no prune_callbacks: warning refuses a group"
+    # A reduction over channels (REDUCTION_OPS) needs no check of its own: a group reaching it that
+    # the step should shrink is either cut (then the masked-model check above fails) or refused
+    # (then it is in ``refused`` and a warning is required). Demanding a warning whenever such an
+    # op is present was wrong when rounding leaves those groups whole (ops ['halfsum', 'mean'] with
+    # two 2-unit groups at ratio 0.22: nothing reaches the mean, nothing to refuse).
     return ("pruned" if history else "nothing pruned") + (", warned" if ours else "")
 
 
