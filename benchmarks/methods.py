@@ -858,9 +858,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=".*SparseTraining.*")
     torch.set_num_threads(args.threads)
     digits_setup, lm_setup = setups(args)
-    use_tp = any(m in TP for m in args.methods)
-    tp = importlib.import_module("torch_pruning") if use_tp else None
     tp_status: dict[str, str] = {}
+    tp = None
+    if any(m in TP for m in args.methods):
+        try:
+            tp = importlib.import_module("torch_pruning")
+        except ModuleNotFoundError:
+            args.methods = [m for m in args.methods if m not in TP]
+            missing = "not installed (pip install torch-pruning): its methods skipped"
+            tp_status = {task: missing for task in args.tasks}
+            print(f"Torch-Pruning: {tp_status[args.tasks[0]]}", flush=True)
     tp_lm_ok = False
     if "lm" in args.tasks and tp is not None:
         probe = probe_tp_lm(lm_setup)
