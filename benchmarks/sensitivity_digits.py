@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import logging
-import math
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,15 +51,19 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
 from prune_callbacks import Pruner, StructuredPruning, count_macs_and_params
 from prune_callbacks.pruning.sensitivity import allocate, sensitivity_scan
 from prune_callbacks.reference.data import DigitsDataModule
 from prune_callbacks.reference.models import DigitsResNet
-from prune_callbacks.reference.tasks import ImageClassifier
 
-RESULTS = Path(__file__).resolve().parent / "results" / "sensitivity_digits.json"
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import accuracy_digits as ad  # noqa: E402  (its task module, training loop and snapshot callback)
+
+RESULTS = HERE / "results" / "sensitivity_digits.json"
 ARMS = ("uniform", "sensitivity", "global")
 SCAN_RATIOS = (0.25, 0.5, 0.75)
 SCAN_IMAGES = 512
@@ -98,50 +101,10 @@ class Protocol:
         }
 
 
-def _cosine(epoch: int, total: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / total))
-
-
-def make_task(net: nn.Module, proto: Protocol, dm: DigitsDataModule) -> ImageClassifier:
-    optimizer = functools.partial(
-        torch.optim.SGD, lr=proto.lr, momentum=proto.momentum, weight_decay=proto.weight_decay, nesterov=True
-    )
-    lr_lambda = functools.partial(_cosine, total=proto.epochs)
-    scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lr_lambda)
-    lit = ImageClassifier(net, dm.num_classes, optimizer=optimizer, lr_scheduler=scheduler)
-    lit.example_input_array = dm.example_batch(1)
-    return lit
-
-
-def fit(lit: pl.LightningModule, dm: DigitsDataModule, epochs: int, callbacks: Sequence[Callback]) -> float:
-    """Train on CPU without validation, logging or checkpoints; returns the wall seconds."""
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=list(callbacks),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    start = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
-    return time.perf_counter() - start
-
-
-class EpochSnapshot(Callback):
-    """Keeps a copy of the network's weights at the end of one epoch."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+# The task module, training loop and snapshot are the accuracy benchmark's (same protocol fields).
+make_task = ad.make_task
+fit = ad.fit
+EpochSnapshot = ad.EpochSnapshot
 
 
 @torch.no_grad()
