@@ -172,14 +172,19 @@ def test_flap_adds_a_bias_only_when_asked_and_reloads_with_add_biases(tmp_path: 
     assert model.down_proj.bias is not None and flap.added_biases == ["down_proj"]
     torch.testing.assert_close(mlp_mean(model), dense, rtol=0, atol=1e-5)
 
-    # the history does not record the new bias: a fresh model needs it before load_pruned
+    # the history records the new bias: load_pruned gives a fresh model one before the weights load
     path = tmp_path / "flap.pt"
     save_pruned(model, path)
+    fresh = load_pruned(LlamaMLP(8, 16), path)
+    torch.testing.assert_close(mlp_mean(fresh), mlp_mean(model), rtol=0, atol=0)
+    # a file without that record (written before it existed) needs add_biases() first
+    old = torch.load(path, weights_only=True)
+    old["history"] = [r for r in old["history"] if r.get("kind") != "add_bias"]
     with pytest.raises(ValueError):
-        load_pruned(LlamaMLP(8, 16), path)
+        load_pruned(LlamaMLP(8, 16), old)
     fresh = LlamaMLP(8, 16)
     assert add_biases(fresh, flap.added_biases) == ["down_proj"]
-    load_pruned(fresh, path)
+    load_pruned(fresh, old)
     torch.testing.assert_close(mlp_mean(fresh), mlp_mean(model), rtol=0, atol=0)
 
 
@@ -384,3 +389,27 @@ def test_readme_snippet() -> None:
     mlp, attention = namespace["mlp"], namespace["attention"]
     assert (mlp.up_proj.out_features, attention.q_proj.out_features) == (64, 32)
     assert namespace["pruner"].importance.num_batches == 0  # the step used the statistics, then forgot them
+
+
+def test_readme_block_by_block_snippet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second python block of that section (sequential FLAP, saved and reloaded), as written,
+    after the first (it reuses its batches and names)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(r"^### Calibration criteria\b(.*?)^## ", readme, flags=re.S | re.M)
+    assert section, "README.md has no Calibration criteria section"
+    blocks = re.findall(r"```python\n(.*?)```", section.group(1), flags=re.S)
+    assert len(blocks) == 2, "expected the one-shot and the block-by-block snippets"
+    monkeypatch.chdir(tmp_path)  # the snippet writes flap.pt
+    namespace: dict = {"__name__": "readme"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"README.md#calibration-criteria-{i}", "exec"), namespace)
+    model, fresh = namespace["model"], namespace["fresh"]
+    assert model.layers[0].mlp.down_proj.bias is not None  # FLAP gave it one, the history rebuilt it
+    assert fresh.layers[1].mlp.up_proj.out_features == 64
+    x = namespace["batches"][0]
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))

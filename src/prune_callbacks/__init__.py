@@ -16,7 +16,7 @@ from .graph.attributes import register_size_attributes
 from .layers import LayerPruner, prune_conv_out_channels, prune_linear_out_channels, track_parameter_updates
 from .measure.export import check_onnx, export_onnx, onnxruntime_latency
 from .measure.flops import count_macs_and_params, count_params, measure_latency
-from .pruning.calibration import FLAPImportance, WandaImportance, add_biases
+from .pruning.calibration import FLAPImportance, WandaImportance, add_biases, add_new_biases_to_optimizers
 from .pruning.history import apply_pruning_history, get_pruning_history, load_pruned, save_pruned
 from .pruning.importance import (
     BNScaleImportance,
@@ -59,6 +59,7 @@ __all__ = [
     "WandaImportance",
     "FLAPImportance",
     "add_biases",
+    "add_new_biases_to_optimizers",
     "get_importance",
     # sparse training before the cut
     "GroupRegularizer",

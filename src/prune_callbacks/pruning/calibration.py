@@ -55,22 +55,35 @@ or is rolled back (a dry run, :meth:`Pruner.preview`) leaves the biases as they 
 columns are read from the pruning history records the step appended, in order (several prunes of
 one step compose). Bias *values* are ordinary weights, so ``save_pruned`` / ``load_pruned`` and
 checkpoints restore them. A layer without a bias gets one only with ``add_bias=True``: the new
-parameter is part of the transaction too, but the pruning history does not record it, so a model
-reloaded with ``load_pruned`` must be given the same biases first (:func:`add_biases` with
-:attr:`FLAPImportance.added_biases`), and an optimizer built before the prune does not train it.
-Otherwise such layers are skipped with a warning. Interactive steps (``step(interactive=True)``)
+parameter is part of the transaction too, and the step appends an ``add_bias`` record to the
+pruning history (:func:`~.history.bias_record`), so ``load_pruned``, ``apply_pruning_history`` and
+a resumed Lightning run give a fresh model the same biases before the weights load (strictly).
+Files written before that record existed need :func:`add_biases` by hand before ``load_pruned``.
+An optimizer built before the prune does not train a new bias. Without ``add_bias`` such layers
+are skipped with a warning. Interactive steps (``step(interactive=True)``)
 are not compensated: the criterion is reset before the caller prunes.
 
 Several processes (DDP): the statistics of every rank are merged before scoring
 (:meth:`~CalibrationImportance.synchronize`), so that all ranks score and compensate alike.
 
-Not done here: block-by-block (sequential) calibration, where block ``i + 1`` is calibrated on the
-outputs of the already pruned block ``i``; the statistics are those of the model as it is when
-calibrated.
+**From the pruner.** ``Pruner(model, example, importance="wanda", calibration_data=batches)``
+calibrates on ``batches`` before every step (the statistics gathered before are replaced), so a
+plain script needs no hooks of its own.
+
+**Block by block** (sequential calibration, as SparseGPT and Wanda prune LLMs): with
+``Pruner(..., calibration_data=batches, calibration_blocks="model.layers")`` (or ``"auto"``:
+:func:`repeated_blocks`) one step goes through the blocks in order; the statistics of block ``k``
+are recorded on the model whose blocks ``0..k-1`` are pruned already (each batch runs only up to
+block ``k``: ``calibrate(..., stop_after=block)``), block ``k``'s groups are pruned (and FLAP
+compensates them with those statistics), then block ``k + 1`` is calibrated. Groups not inside one
+block (the residual stream when it is pruned, embeddings, the head) are pruned with the last
+block, calibrated by full passes. With one block this is the one-shot step. The whole step is one
+transaction, like every step.
 """
 
 from __future__ import annotations
 
+import difflib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -82,7 +95,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..layers import function_by_name
-from .history import get_pruning_history
+from .history import ADD_BIAS, bias_record, get_pruning_history
 from .importance import IMPORTANCES, ParamImportance
 
 __all__ = [
@@ -91,7 +104,10 @@ __all__ = [
     "InputStatistics",
     "WandaImportance",
     "add_biases",
+    "add_new_biases_to_optimizers",
     "calibrated_layers",
+    "repeated_blocks",
+    "resolve_blocks",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -105,6 +121,74 @@ def calibrated_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             isinstance(module, _CONVS) and module.groups == 1 and not module.transposed
         ):
             yield name, module
+
+
+def repeated_blocks(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
+    """The repeated blocks of ``model`` for sequential calibration: ``(name, blocks)`` of the
+    ``nn.ModuleList`` / ``nn.Sequential`` whose children (two or more) are all of one class and
+    hold the most calibrated layers together (the decoder layers of an LLM); the outermost one
+    on a tie; None when there is none."""
+    best: tuple[int, str, list[nn.Module]] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        size = sum(1 for c in children for _ in calibrated_layers(c))
+        if size and (best is None or size > best[0]):
+            best = (size, name, children)
+    return None if best is None else (best[1], best[2])
+
+
+def resolve_blocks(model: nn.Module, spec: Any) -> list[nn.Module]:
+    """The blocks of ``model`` named by ``spec``, in order: ``"auto"`` (:func:`repeated_blocks`),
+    the name of an ``nn.ModuleList`` / ``nn.Sequential`` of the model (``"model.layers"``), such a
+    container itself, or a list of modules or module names. Blocks must be modules of the model,
+    none inside another. Raises ``ValueError`` naming the fix."""
+    key = "calibration_blocks"
+    modules = dict(model.named_modules())
+    ids = {id(m) for m in modules.values()}
+
+    def by_name(name: str) -> nn.Module:
+        if name not in modules:
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(f"{key}={name!r}: the model has no module of that name{hint}")
+        return modules[name]
+
+    if isinstance(spec, str) and spec == "auto":
+        found = repeated_blocks(model)
+        if found is None:
+            raise ValueError(
+                f"{key}='auto': no repeated blocks found (an nn.ModuleList of layers of one class); name "
+                f"them, e.g. {key}='model.layers', or pass a list of modules"
+            )
+        blocks = found[1]
+    elif isinstance(spec, (str, nn.ModuleList, nn.Sequential)):
+        container = by_name(spec) if isinstance(spec, str) else spec
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            raise ValueError(
+                f"{key}={spec!r} is a {type(container).__name__}, not an nn.ModuleList or nn.Sequential of "
+                f"blocks; name the list of blocks (e.g. {key}='model.layers') or pass a list of modules"
+            )
+        blocks = list(container.children())
+    elif isinstance(spec, Iterable) and not isinstance(spec, (nn.Module, Mapping)):
+        blocks = [by_name(b) if isinstance(b, str) else b for b in spec]
+    else:
+        raise ValueError(
+            f"{key}: expected 'auto', a module name, an nn.ModuleList or a list of modules, got "
+            f"{type(spec).__name__}"
+        )
+    if not blocks:
+        raise ValueError(f"{key}={spec!r}: no blocks; name a non-empty list of blocks")
+    for b in blocks:
+        if not isinstance(b, nn.Module) or id(b) not in ids:
+            raise ValueError(f"{key}: {b!r} is not a module of the model")
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+    if len({id(b) for b in blocks}) != len(blocks) or any(id(b) in inner for b in blocks):
+        raise ValueError(f"{key}: a block is listed twice or lies inside another one; pass disjoint blocks")
+    return blocks
 
 
 def _in_channels(module: nn.Module) -> int:
@@ -199,6 +283,14 @@ def _channel_rows(module: nn.Module, x: Any) -> Tensor | None:
     return None
 
 
+class _StopForward(Exception):
+    """Raised by the hook of ``calibrate(stop_after=...)`` to end a pass once the module ran."""
+
+
+def _stop_forward(module: nn.Module, args: Any, output: Any) -> None:
+    raise _StopForward
+
+
 class CalibrationImportance(ParamImportance):
     """Shared machinery of the activation-aware criteria: the hooks, the statistics, their state.
 
@@ -266,27 +358,44 @@ class CalibrationImportance(ParamImportance):
         model: nn.Module,
         batches: Iterable[Any],
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        stop_after: nn.Module | None = None,
     ) -> int:
         """Run ``model`` on every batch of ``batches`` and record the inputs of its calibrated
         layers; returns the number of batches. A batch is called as ``model(*batch)`` for a tuple
         or list, ``model(**batch)`` for a dict, else ``model(batch)`` (``forward_fn(model, batch)``
-        replaces this). The model runs in eval mode under ``no_grad``; its modes are put back."""
+        replaces this). The model runs in eval mode under ``no_grad``; its modes are put back.
+
+        With ``stop_after`` (a submodule, e.g. one decoder block) each pass ends as soon as that
+        module has run: the layers after it are neither run nor recorded (sequential calibration,
+        see the module docstring). A batch on which it does not run is an error."""
         modes = [(m, m.training) for m in model.modules()]
         count = 0
+        stop = stop_after.register_forward_hook(_stop_forward) if stop_after is not None else None
         try:
             model.eval()
             with torch.no_grad(), self.collecting(model):
                 for batch in batches:
-                    if forward_fn is not None:
-                        forward_fn(model, batch)
-                    elif isinstance(batch, Mapping):
-                        model(**batch)
-                    elif isinstance(batch, (tuple, list)):
-                        model(*batch)
+                    try:
+                        if forward_fn is not None:
+                            forward_fn(model, batch)
+                        elif isinstance(batch, Mapping):
+                            model(**batch)
+                        elif isinstance(batch, (tuple, list)):
+                            model(*batch)
+                        else:
+                            model(batch)
+                    except _StopForward:
+                        pass
                     else:
-                        model(batch)
+                        if stop_after is not None:
+                            raise ValueError(
+                                f"{type(self).__name__}.calibrate(): stop_after={type(stop_after).__name__} "
+                                f"did not run on batch {count}: pass a module the model's forward calls"
+                            )
                     count += 1
         finally:
+            if stop is not None:
+                stop.remove()
             for m, mode in modes:
                 m.training = mode
         if count == 0:
@@ -498,9 +607,10 @@ class FLAPImportance(CalibrationImportance):
     Args:
         compensate: add ``W[:, removed] @ mean(X_removed)`` to the bias of every ``nn.Linear``
             consumer that loses input columns in a step.
-        add_bias: give a consumer without a bias one (zeros plus the compensation; its name is
-            appended to :attr:`added_biases`); otherwise such layers are skipped with a warning.
-            A new bias is not in the pruning history: see :func:`add_biases` for reloading.
+        add_bias: give a consumer ``nn.Linear`` without a bias one (zeros plus the compensation;
+            its name is appended to :attr:`added_biases`, and an ``add_bias`` record to the
+            pruning history, so that ``load_pruned`` rebuilds it); otherwise such layers are
+            skipped with a warning.
     """
 
     def __init__(
@@ -550,22 +660,30 @@ class FLAPImportance(CalibrationImportance):
             return
         names = {id(m): n for n, m in model.named_modules()}
         skipped: list[str] = []
+        added: list[str] = []
         for entry in pending.values():
             module = entry.module()
             if module is None or id(module) not in names:
                 continue
             name = names[id(module)]
             removed, kept_rows = _removed_columns(records, name, entry.weight.shape)
-            if removed and not self._compensate(module, name, entry, removed, kept_rows):
+            if not removed:
+                continue
+            had_bias = getattr(module, "bias", None) is not None
+            if not self._compensate(module, name, entry, removed, kept_rows):
                 skipped.append(name)
+            elif not had_bias:
+                added.append(name)
+        if added:  # replayed by load_pruned / apply_pruning_history before the weights load
+            get_pruning_history(model, create=True).append(bias_record(added))
         fresh = [n for n in skipped if n not in self._warned]
         if fresh:
             self._warned.update(fresh)
             shown = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
             warnings.warn(
                 f"FLAP bias compensation skipped for {shown}: no bias. Pass FLAPImportance(add_bias=True) "
-                "to give such layers one (then reload with add_biases(model, importance.added_biases) "
-                "before load_pruned), or build the model with biases",
+                "to give such layers one (recorded in the pruning history, so load_pruned rebuilds it), "
+                "or build the model with biases",
                 stacklevel=2,
             )
 
@@ -645,9 +763,11 @@ def _removed_columns(
 
 
 def add_biases(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Give every layer named in ``names`` a zero bias if it has none (before ``load_pruned`` of a
-    model whose FLAP compensation added biases: ``add_biases(fresh, importance.added_biases)``).
-    Returns the names of the layers that got one. Only ``nn.Linear`` and convolutions."""
+    """Give every layer named in ``names`` a zero bias if it has none; returns the names of the
+    layers that got one. Only ``nn.Linear`` and convolutions. The pruning history records the
+    biases FLAP adds (``add_bias`` records) and ``load_pruned`` replays them; this is for files
+    written before it did: ``add_biases(fresh, names)`` before ``load_pruned(fresh, path)``. Not
+    recorded in the history (a model given biases this way saves with them in its state dict)."""
     modules = dict(model.named_modules())
     added: list[str] = []
     for name in names:
@@ -662,6 +782,46 @@ def add_biases(model: nn.Module, names: Iterable[str]) -> list[str]:
             weight = _weight(module)
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
             added.append(name)
+    return added
+
+
+def add_new_biases_to_optimizers(optimizers: Any, model: nn.Module) -> list[str]:
+    """Let the optimizers train the biases that prunes gave layers of ``model`` (FLAP's bias
+    compensation with ``add_bias=True``; the layers named by the ``add_bias`` records of the
+    model's pruning history): such a bias, when an optimizer trains the layer's weight but not
+    the bias, is put in the weight's param group right after the weight. That is where
+    ``configure_optimizers`` / ``torch.optim.X(model.parameters())`` puts it on a model rebuilt by
+    ``load_pruned`` (a new bias takes the place of the layer's ``bias = None`` entry, after its
+    weight), so the optimizer's state dict saved after the prune loads into the optimizer of a
+    resumed run. Call it after the step (and after ``prune_optimizer_state``); calling it again
+    changes nothing. ``optimizers``: one optimizer or several (Lightning's wrappers too).
+    Returns the names of the layers whose bias was added to an optimizer."""
+    opts = [optimizers] if hasattr(optimizers, "param_groups") else list(optimizers)
+    opts = [getattr(o, "_optimizer", o) for o in opts]
+    names = [
+        str(item.get("target"))
+        for record in get_pruning_history(model)
+        if record.get("kind") == ADD_BIAS
+        for item in record.get("items", [])
+    ]
+    modules = dict(model.named_modules())
+    added: list[str] = []
+    for name in dict.fromkeys(names):
+        module = modules.get(name)
+        bias, weight = getattr(module, "bias", None), getattr(module, "weight", None)
+        if not isinstance(bias, nn.Parameter) or not isinstance(weight, nn.Parameter):
+            continue
+        for opt in opts:
+            groups = opt.param_groups
+            if any(p is bias for g in groups for p in g["params"]):
+                continue
+            for group in groups:
+                at = next((i for i, p in enumerate(group["params"]) if p is weight), None)
+                if at is not None:
+                    group["params"].insert(at + 1, bias)
+                    if name not in added:
+                        added.append(name)
+                    break
     return added
 
 

@@ -9,10 +9,23 @@ Every group prune is recorded by the dependency graph as plain data (see
      "attributes": [{"module": "block", "attr": "split_sizes", "new": [12, 20]}]}
 
 Indices are in the layer's numbering at the time of the prune, so records are replayed in order.
+
 :func:`apply_pruning_history` rebuilds the pruned structure on a freshly constructed model (same
 class, same constructor arguments), after which a pruned ``state_dict`` loads into it.
 :func:`save_pruned` / :func:`load_pruned` store plain tensors plus the history, so the file
 loads with ``torch.load(path, weights_only=True)``: no pickled modules, no code run on load.
+
+A second kind of record gives layers a bias they did not have (FLAP's bias compensation with
+``add_bias=True`` adds one to a consumer without a bias; :func:`bias_record`)::
+
+    {"kind": "add_bias", "root": "layers.0.mlp.down_proj", "function": "add_bias", "idxs": [],
+     "items": [{"target": "layers.0.mlp.down_proj", "function": "add_bias", "dim": None, "idxs": []}],
+     "attributes": []}
+
+Replayed, each item gives its target, an ``nn.Linear`` without a bias, a zero bias of its current
+output width (the values come with the state dict), so ``load_pruned``, ``apply_pruning_history``
+and a resumed Lightning run rebuild the bias and the weights load strictly. Histories written
+before this record existed have none and replay as before.
 
 A file is untrusted data, and a load either succeeds or changes nothing: :func:`save_pruned` stores
 a SHA-256 digest of every tensor, which :func:`load_pruned` checks before it touches the model (a
@@ -53,12 +66,14 @@ from ..layers import (
 )
 
 __all__ = [
+    "ADD_BIAS",
     "CHECKPOINT_HISTORY_KEY",
     "HISTORY_ATTRIBUTE",
     "ModelTransaction",
     "PRUNED_CHECKPOINT_MARKER",
     "PRUNED_FORMAT",
     "apply_pruning_history",
+    "bias_record",
     "get_pruning_history",
     "load_pruned",
     "save_pruned",
@@ -68,6 +83,8 @@ __all__ = [
 ]
 
 HISTORY_ATTRIBUTE = "_prune_callbacks_history"
+#: The ``kind`` of a record, and the ``function`` of its items, that give layers a zero bias.
+ADD_BIAS = "add_bias"
 PRUNED_FORMAT = "prune_callbacks.pruned/1"
 #: Key of the history in a Lightning checkpoint written with the pruning callback.
 CHECKPOINT_HISTORY_KEY = "prune_callbacks_history"
@@ -100,6 +117,23 @@ def get_pruning_history(model: nn.Module, create: bool = False) -> list[dict[str
         if create:
             model.__dict__[HISTORY_ATTRIBUTE] = hist
     return hist
+
+
+def bias_record(names: Sequence[str]) -> dict[str, Any]:
+    """A history record that gives each layer of ``names`` (an ``nn.Linear`` without a bias) a
+    zero bias when replayed (see the module docstring); appended by FLAP's bias compensation
+    after the prune records of the step that added the biases."""
+    layers = [str(n) for n in names]
+    if not layers:
+        raise ValueError("bias_record(): name at least one layer")
+    return {
+        "kind": ADD_BIAS,
+        "root": layers[0],
+        "function": ADD_BIAS,
+        "idxs": [],
+        "items": [{"target": n, "function": ADD_BIAS, "dim": None, "idxs": []} for n in layers],
+        "attributes": [],
+    }
 
 
 def _plain(obj: Any, where: str = "history") -> Any:
@@ -224,8 +258,35 @@ def _check_attribute(r: int, change: Any, modules: Mapping[str, nn.Module]) -> N
         raise refuse(f"its current value is a {type(current).__name__}")
 
 
+def _check_bias_item(
+    r: int, item: Mapping[str, Any], modules: Mapping[str, nn.Module], replayed: bool, biased: set[str]
+) -> None:
+    """Refuse an ``add_bias`` item that names no ``nn.Linear`` of the model, carries indices, or
+    (when ``replayed``: the record is still to be replayed) names a layer that has a bias already
+    or is given one by an earlier record. ``biased`` collects the layers given one."""
+    target = str(item.get("target"))
+    module = modules.get(target)
+    if not isinstance(module, nn.Linear):
+        what = "no layer of the model" if module is None else f"a {type(module).__name__}"
+        raise ValueError(f"history record {r}: add_bias on {target!r}: it is {what}, not an nn.Linear")
+    if item.get("idxs"):
+        raise ValueError(f"history record {r}: add_bias on {target!r} carries indices; it takes none")
+    if not replayed:
+        return
+    if module.bias is not None or target in biased:
+        raise ValueError(
+            f"history record {r}: add_bias on {target!r}, which has a bias already; the history gives it "
+            "one (a file written since FLAP's biases are recorded needs no add_biases() call): pass a "
+            "freshly constructed model"
+        )
+    biased.add(target)
+
+
 def _check_records(
-    history: Sequence[Any], modules: Mapping[str, nn.Module], params: Mapping[str, nn.Parameter]
+    history: Sequence[Any],
+    modules: Mapping[str, nn.Module],
+    params: Mapping[str, nn.Parameter],
+    start: int = 0,
 ) -> None:
     """Check every record of ``history`` against the model before anything is touched.
 
@@ -234,9 +295,13 @@ def _check_records(
     attribute (an int or a list/tuple of ints, currently one too or missing) of a module of the
     model or of the plain ``config`` object a module holds, to an int or a list/tuple of ints.
     That keeps a damaged or crafted file from reaching classes (``0.__class__``), instance
-    dictionaries, methods or anything outside the model. Raises ``KeyError`` for an unknown item
-    target and ``ValueError`` for anything else.
+    dictionaries, methods or anything outside the model. An ``add_bias`` item must name an
+    ``nn.Linear`` and, in the records from ``start`` on (those still to be replayed; a model
+    already pruned along the first ``start`` records has their biases), one without a bias that
+    no earlier record gives one. Raises ``KeyError`` for an unknown item target and
+    ``ValueError`` for anything else.
     """
+    biased: set[str] = set()
     for r, record in enumerate(history):
         if not isinstance(record, Mapping):
             raise ValueError(f"history record {r} is a {type(record).__name__}, not a mapping")
@@ -244,6 +309,8 @@ def _check_records(
             target = item.get("target") if isinstance(item, Mapping) else None
             if not isinstance(target, str) or (target not in modules and target not in params):
                 raise KeyError(f"history record {r}: the model has no module or parameter named {target!r}")
+            if item.get("function") == ADD_BIAS:
+                _check_bias_item(r, item, modules, r >= start, biased)
         for change in record.get("attributes", []):
             _check_attribute(r, change, modules)
 
@@ -334,14 +401,18 @@ def _replay(
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     for r, record in enumerate(history):
-        steps = []
+        steps: list[tuple[PruningFunction | None, Mapping[str, Any]]] = []
         for item in record.get("items", []):
-            fn = _resolve_function(item["function"], table)
+            fn = None if item["function"] == ADD_BIAS else _resolve_function(item["function"], table)
             steps.append((fn, item))
-        steps.sort(key=lambda s: getattr(s[0], "side", "out") != "out")
+        # output sides first (as the graph prunes), new biases last (they take the final width)
+        steps.sort(key=lambda s: 2 if s[0] is None else int(getattr(s[0], "side", "out") != "out"))
         with once_per_parameter():
             for fn, item in steps:
                 target = _lookup(model, item["target"], modules, params)
+                if fn is None:
+                    _add_zero_bias(r, item["target"], target)
+                    continue
                 try:
                     if isinstance(target, nn.Parameter) and isinstance(fn, ParameterPruningFunction):
                         # the layer pruners take a bare Parameter as their "module"
@@ -362,6 +433,18 @@ def _replay(
         raise ValueError(f"the replayed pruning history breaks the model: {problem}")
 
 
+def _add_zero_bias(r: int, name: str, module: Any) -> None:
+    """Replay an ``add_bias`` item: a zero bias for ``module`` (checked: an ``nn.Linear``; the
+    replay fails, and is undone, if it has one by now)."""
+    if not isinstance(module, nn.Linear) or module.bias is not None:
+        raise ValueError(f"pruning history record {r}: add_bias on {name!r} failed: it has a bias already")
+    weight = module.weight
+    module.bias = nn.Parameter(
+        torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype),
+        requires_grad=weight.requires_grad,
+    )
+
+
 def apply_pruning_history(
     model: nn.Module,
     history: Sequence[Mapping[str, Any]],
@@ -376,7 +459,8 @@ def apply_pruning_history(
     sides first as the graph does, inside :func:`once_per_parameter` (tied weights are sliced
     once); bare parameters are pruned along their recorded ``dim``; recorded attribute changes
     (split sizes) are set. Parameter values are whatever the model has; load the pruned
-    ``state_dict`` after. The records are appended to the model's own history. On any failure
+    ``state_dict`` after; ``add_bias`` records give layers a zero bias (see the module
+    docstring). The records are appended to the model's own history. On any failure
     (``KeyboardInterrupt`` included) the model is restored; a failing layer gives a
     ``ValueError`` naming the record and layer. With ``example_inputs`` the replay is verified:
     the model must still run on them with outputs of the same shapes as before (on meta tensors
@@ -568,7 +652,7 @@ def load_pruned(
             "freshly constructed model"
         )
     rest = history[done:]
-    _check_records(history, dict(model.named_modules()), dict(model.named_parameters()))
+    _check_records(history, dict(model.named_modules()), dict(model.named_parameters()), start=done)
     records = copy.deepcopy(rest)
     check = ForwardCheck.of_dense(model, example_inputs) if example_inputs is not None and rest else None
     table = _function_table(customized_pruners)

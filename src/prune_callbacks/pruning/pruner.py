@@ -20,6 +20,11 @@ messages as the callback and the app). One step:
    stops half way.
 5. **Prune** (:mod:`.subsets`). The chosen channels of all groups are removed in one atomic
    operation, recorded in the pruning history (plain data, see :mod:`.history`).
+
+Calibration criteria (``"wanda"``, ``"flap"``, :mod:`.calibration`) score from activation
+statistics: with ``calibration_data=batches`` the pruner records them itself before every step
+(eval mode, ``no_grad``), and with ``calibration_blocks`` it does so block by block (sequential
+calibration: each block is calibrated on the outputs of the blocks already pruned, then pruned).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from ..graph.dependency import Group
 from ..graph.dependency_graph import DEFAULT_ROOT_TYPES, DependencyGraph, gc_paused
 from ..measure.flops import count_macs_and_params
 from .budget import MacBudget
+from .calibration import resolve_blocks
 from .history import ModelTransaction, get_pruning_history
 from .importance import (
     GradientImportance,
@@ -99,7 +105,8 @@ class Pruner:
             dict of keyword arguments), used to trace the model.
         importance: an :class:`~.importance.Importance` (or any ``fn(group) -> scores``) or a
             name: ``"magnitude"``, ``"l1"``, ``"l2"``, ``"lamp"``, ``"taylor"``, ``"fisher"``,
-            ``"obd"``, ``"hessian"``, ``"bn_scale"``, ``"random"`` (default: the settings' criterion,
+            ``"obd"``, ``"hessian"``, ``"bn_scale"``, ``"random"``, or the calibration criteria
+            ``"wanda"`` and ``"flap"`` (see ``calibration_data``) (default: the settings' criterion,
             ``"taylor"``).
         pruning_ratio: fraction of the original channels of every group to remove after the
             last step, in [0, 1) (default 0.5, or the last ratio of an explicit schedule).
@@ -139,6 +146,24 @@ class Pruner:
             prune. ``False`` searches the graph again for every group and prunes the groups one
             by one (slower; exact even for a full group whose root channels are coupled to each
             other, which filtering cannot see).
+        calibration_data: for a calibration criterion (``"wanda"``, ``"flap"``): an iterable of
+            batches (each a tensor, a tuple of positional arguments or a dict of keyword arguments,
+            like ``example_inputs``; called through ``forward_fn`` when given) that the pruner runs
+            before every step, in eval mode under ``no_grad`` (modes put back), recording the
+            statistics the step scores with (those gathered before are replaced). A list or a
+            ``DataLoader`` is read again at every step; a one-shot iterator is read into a list
+            first. Passing it with any other criterion is an error.
+        calibration_blocks: prune block by block (sequential calibration, see
+            :mod:`.calibration`): ``"auto"`` (the repeated blocks of the model:
+            :func:`~.calibration.repeated_blocks`), the name of an ``nn.ModuleList`` of blocks
+            (``"model.layers"``), such a list, or a list of modules or names, in the order the
+            forward runs them. Every step then calibrates block ``k`` on the model whose blocks
+            before it are pruned already, prunes block ``k``'s groups, and goes on; groups not
+            inside one block go with the last block. Needs ``calibration_data``; not with
+            ``target_speedup`` or global ranking (scores of later blocks do not exist yet when an
+            earlier block is pruned), nor with ``step(interactive=True)``. Each batch runs only up
+            to the block being calibrated, so a step costs about ``n (n + 1) / 2`` block passes per
+            batch for ``n`` blocks.
     """
 
     def __init__(
@@ -166,6 +191,8 @@ class Pruner:
         output_transform: Callable | None = None,
         root_module_types: Sequence[type] | None = None,
         fast_subsets: bool = True,
+        calibration_data: Iterable[Any] | None = None,
+        calibration_blocks: Any = None,
     ) -> None:
         """Check every argument (the model is not touched before), then trace the model."""
         if not isinstance(model, nn.Module):
@@ -173,6 +200,13 @@ class Pruner:
         options = {name: value for name, value in locals().items() if name in _SETTING_ARGS}
         self.settings = s = PruningSettings.merged(settings, options)
         self.importance = get_importance(s.importance)
+        #: The batches the pruner calibrates on before every step (None: the criterion is fed by hand).
+        self.calibration_data: Iterable[Any] | None = _calibration_data(self.importance, calibration_data)
+        #: The blocks of sequential calibration, in order (None: one-shot calibration).
+        self.calibration_blocks: list[nn.Module] | None = None
+        if calibration_blocks is not None:
+            _check_sequential(s, self.calibration_data)
+            self.calibration_blocks = resolve_blocks(model, calibration_blocks)
         self.ignored_layers: list[Any] = _ignored_modules(model, s.ignored_layers)
         self._counts = ChannelCounts.from_settings(s, _ratio_table(model, s.pruning_ratio_dict))
         unwrapped = _resolve_unwrapped(model, unwrapped_parameters)
@@ -282,8 +316,8 @@ class Pruner:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds spent per phase ("graph", "groups", "importance", "selection", "pruning",
-        "macs"), summed over the pruner's life; clear or replace it freely."""
+        """Seconds spent per phase ("graph", "groups", "calibration", "importance", "selection",
+        "pruning", "macs"), summed over the pruner's life; clear or replace it freely."""
         return self._timer.timings
 
     @timings.setter
@@ -378,8 +412,32 @@ class Pruner:
                 stacklevel=2,
             )
             return iter(()) if interactive else None
+        self._check_calibration(interactive)
         with gc_paused(), group_indexes(self._indexes), self._transaction():
             return self._step(interactive)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the pruner calibrates its criterion itself before every step (``calibration_data``)."""
+        return self.calibration_data is not None
+
+    def _check_calibration(self, interactive: bool) -> None:
+        """Refuse, before anything changes, a step that a calibration criterion cannot score."""
+        if interactive and self.calibration_blocks is not None:
+            raise ValueError(
+                "step(interactive=True) with calibration_blocks: sequential calibration prunes each block "
+                "before it calibrates the next, so the groups cannot be handed out first; call step() "
+                "without interactive, or build the Pruner without calibration_blocks"
+            )
+        imp = self.importance
+        if not getattr(imp, "requires_calibration", False) or self.calibrates:
+            return
+        if int(getattr(imp, "num_batches", 1)) == 0:
+            raise RuntimeError(
+                f"{type(imp).__name__} has no activation statistics to score with: pass "
+                "calibration_data=batches to the Pruner (it then calibrates before every step), or run "
+                "pruner.importance.calibrate(model, batches) before each step()"
+            )
 
     @contextmanager
     def _transaction(self, dry_run: bool = False) -> Iterator[None]:
@@ -425,8 +483,11 @@ class Pruner:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"preview(steps={steps!r}): pass a positive int, or None for every step left")
         wanted = remaining if steps is None else min(steps, remaining)
+        if wanted > 0:
+            self._check_calibration(False)
         macs, params = count_macs_and_params(self.model, self.example_inputs, self.forward_fn)
-        gradients = bool(getattr(self.importance, "requires_gradients", False))
+        # a criterion the pruner calibrates itself can score later steps too
+        gradients = bool(getattr(self.importance, "requires_gradients", False)) and not self.calibrates
         saved = _criterion_state(self.importance, self.model)
         history = get_pruning_history(self.model)
         previews: list[StepPreview] = []
@@ -451,6 +512,12 @@ class Pruner:
 
     def _step(self, interactive: bool) -> Iterator[Group] | None:
         k = self.current_step
+        if self.calibration_blocks is not None:
+            self._sequential_step(self.calibration_blocks, k)
+            self._finish_step()
+            return None
+        if self.calibrates:
+            self._calibrate()
         budget = self._budget
         if budget is not None:
             if interactive:
@@ -479,6 +546,45 @@ class Pruner:
         with self._timer("selection"):
             counts = self._counts.counts(groups, scores, k)
             return self._selector.select_all(groups, scores, counts)
+
+    def _calibrate(self, stop_after: nn.Module | None = None) -> None:
+        """Replace the criterion's statistics by those of :attr:`calibration_data` on the model
+        as it is now (each pass ends after ``stop_after`` when given)."""
+        imp: Any = self.importance
+        assert self.calibration_data is not None
+        with self._timer("calibration"):
+            imp.reset()
+            imp.calibrate(self.model, self.calibration_data, self.forward_fn, stop_after=stop_after)
+
+    def _sequential_step(self, blocks: list[nn.Module], k: int) -> None:
+        """Step ``k`` block by block (see ``calibration_blocks``): calibrate block ``b`` on the
+        model whose earlier blocks are pruned, prune the groups inside it (the groups inside no
+        single block with the last one, calibrated by full passes), let the criterion finish
+        (FLAP compensates with block ``b``'s statistics) and forget the statistics."""
+        owner: dict[int, int] = {}
+        for b, block in enumerate(blocks):
+            owner.update((id(m), b) for m in block.modules())
+            owner.update((id(p), b) for p in block.parameters())
+        last = len(blocks) - 1
+        for b, block in enumerate(blocks):
+            groups = [g for g in self.groups if _block_of(g, owner) in ((b, None) if b == last else (b,))]
+            if not groups:
+                continue
+            with _block_order(blocks) as order:
+                self._calibrate(None if b == last else block)
+            if order[: b + 1] != list(range(b + 1)):  # the blocks before b ran first, in order
+                raise ValueError(
+                    f"calibration_blocks: the blocks ran in the order {order[: b + 1]} while block {b} was "
+                    "calibrated; list the blocks in the order the model's forward runs them"
+                )
+            with self._timer("importance"):
+                scores = self._score(groups)
+            with self._timer("selection"):
+                counts = self._counts.counts(groups, scores, k)
+                plan = self._selector.select_all(groups, scores, counts)
+            self._execute(plan)
+            self._invalidate_groups()
+            self.importance_reset()
 
     def _speedup_step(self, budget: MacBudget, k: int) -> None:
         """Step ``k`` with a MAC target: plan, prune, measure; when the measured MACs miss the
@@ -562,6 +668,70 @@ class Pruner:
         self.current_step += 1
         self._invalidate_groups()
         self.importance_reset()
+
+
+def _block_of(group: Group, owner: Mapping[int, int]) -> int | None:
+    """The block (position in ``owner``'s numbering) that holds every layer of ``group``; None
+    when its layers are in several blocks or outside them all."""
+    found = {owner.get(id(item.dep.target.module)) for item in group}
+    return found.pop() if len(found) == 1 else None
+
+
+@contextmanager
+def _block_order(blocks: Sequence[nn.Module]) -> Iterator[list[int]]:
+    """Within the block, the positions in ``blocks`` of the blocks that start running, in the
+    order of their first call."""
+    order: list[int] = []
+
+    def hook(b: int) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any) -> None:
+            if b not in order:
+                order.append(b)
+
+        return record
+
+    handles = [block.register_forward_pre_hook(hook(b)) for b, block in enumerate(blocks)]
+    try:
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _calibration_data(importance: Any, data: Iterable[Any] | None) -> Iterable[Any] | None:
+    """``calibration_data`` checked against the criterion (a one-shot iterator read into a list)."""
+    if data is None:
+        return None
+    if not getattr(importance, "requires_calibration", False):
+        raise ValueError(
+            f"calibration_data is read only by a calibration criterion (importance='wanda' or 'flap'), "
+            f"not by {type(importance).__name__}: drop calibration_data, or use importance='wanda' / 'flap'"
+        )
+    if isinstance(data, (Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
+        raise ValueError(
+            f"calibration_data must be an iterable of batches (a list or a DataLoader), got a "
+            f"{type(data).__name__}; wrap a single batch in a list: calibration_data=[batch]"
+        )
+    if iter(data) is data:  # a generator would be used up by the first step
+        data = list(data)
+    if isinstance(data, Sequence) and len(data) == 0:
+        raise ValueError("calibration_data is empty: pass at least one batch")
+    return data
+
+
+def _check_sequential(settings: PruningSettings, data: Iterable[Any] | None) -> None:
+    """Refuse ``calibration_blocks`` where sequential calibration cannot run."""
+    if data is None:
+        raise ValueError(
+            "calibration_blocks needs calibration_data: every block is calibrated on the batches, with the "
+            "earlier blocks pruned; pass calibration_data=batches"
+        )
+    if settings.target_speedup is not None or settings.ranks_globally:
+        raise ValueError(
+            "calibration_blocks with global ranking (global_pruning=True or target_speedup): a block is "
+            "pruned before the later blocks are scored, so channels cannot be ranked across the model; "
+            "use local pruning (pruning_ratio, global_pruning=False) or drop calibration_blocks"
+        )
 
 
 class _DryRunDone(BaseException):

@@ -101,6 +101,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ...layers import track_parameter_updates
 from ...measure.flops import count_macs_and_params
+from ...pruning.calibration import add_new_biases_to_optimizers
 from ...pruning.history import get_pruning_history
 from ...pruning.importance import get_importance
 from ...pruning.optim_state import check_optimizer_state, prune_optimizer_state
@@ -606,6 +607,7 @@ class StructuredPruningCallback(TrainerCallback):
                 pruner.step()
             if optimizer is not None:
                 prune_optimizer_state(optimizer, updates)
+                add_new_biases_to_optimizers(optimizer, model)
             self.steps_done += 1
             record = self._record(model, self.steps_done, self._epoch, state.global_step, before)
         self.records.append(record)

@@ -77,6 +77,7 @@ from typing_extensions import override
 
 from ...layers import track_parameter_updates
 from ...measure.flops import count_macs_and_params
+from ...pruning.calibration import add_new_biases_to_optimizers
 from ...pruning.history import get_pruning_history
 from ...pruning.importance import get_importance
 from ...pruning.naming import resolve_one
@@ -624,6 +625,7 @@ class StructuredPruning(Callback):
             with self._progress(trainer, pruner), track_parameter_updates() as updates:
                 pruner.step()
             prune_optimizer_state(optimizers, updates)
+            add_new_biases_to_optimizers(optimizers, pl_module)
         finally:
             if wrapped:
                 rebuild_ddp_wrapper(trainer)
