@@ -81,3 +81,46 @@ def test_flap_biases_survive_a_checkpoint_and_a_resume(tmp_path: Path) -> None:
     assert get_pruning_history(fresh)[: len(get_pruning_history(module))] == get_pruning_history(module)
     trained = {id(p) for g in resumed.optimizers[0].param_groups for p in g["params"]}
     assert id(fresh.mlp.down_proj.bias) in trained
+
+
+def test_block_by_block_calibration_from_the_callback(tmp_path: Path) -> None:
+    """``pruner_kwargs`` hands the callback's Pruner calibration batches and the blocks: each
+    scheduled prune then calibrates the decoder layers one after another (on the outputs of the
+    layers pruned before), and the result replays from the checkpoint's history."""
+    from prune_callbacks.reference.models import TinyLlama
+    from prune_callbacks.reference.tasks import CausalLM
+
+    def module() -> CausalLM:
+        torch.manual_seed(0)
+        net = TinyLlama(
+            vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16
+        )
+        return CausalLM(net, 64, seq_len=16)
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (16, 17), generator=gen)
+    data = DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:]), batch_size=4)
+    calibration = [ids[i : i + 4, :-1] for i in range(0, 16, 4)]
+    lit = module()
+    callback = StructuredPruning(
+        "wanda",
+        pruning_ratio=0.5,
+        epochs=[0],
+        ignored_layers=["*embed_tokens", "*lm_head", "*.o_proj", "*.down_proj", "*norm*"],
+        pruner_kwargs={"calibration_data": calibration, "calibration_blocks": "model.layers"},
+        verbose=False,
+    )
+    trainer = cpu_trainer(tmp_path, [callback], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lit, data)
+    assert callback.pruner is not None and callback.pruner.calibration_blocks is not None
+    assert [layer.mlp.up_proj.out_features for layer in lit.model.layers] == [32, 32, 32]
+    assert callback.pruner.timings.get("calibration", 0.0) > 0.0
+    ckpt = str(tmp_path / "seq.ckpt")
+    trainer.save_checkpoint(ckpt)
+    fresh = load_pruned(module(), ckpt)
+    x = calibration[0]
+    lit.eval()
+    with torch.no_grad():
+        assert torch.equal(lit(x), fresh.eval()(x))
