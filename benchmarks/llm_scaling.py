@@ -12,7 +12,8 @@ config (hidden 4096, MLP 11008, 32 layers, 32 heads), the Llama-2-70B config (hi
 reporting the time per layer. A meta tensor has no values, so these runs score channels with
 the ``"random"`` criterion (it needs none). Each run reports the phases of the Pruner
 (``Pruner.timings``: graph, groups, importance, selection, pruning) and the total of
-construction + one step; ``--profile`` prints the cProfile of one 7B run.
+construction + one step; ``--profile`` prints the cProfile of one run of the first of
+``--configs`` (7B by default).
 
 Prints a table and writes ``benchmarks/results/llm_scaling.json``. One CPU thread; the forward
 pass is the median of 5, build+prune the best of ``--rounds`` runs (each on a freshly built
@@ -298,7 +299,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096, 8192])
     ap.add_argument("--sweep-layers", type=int, default=4, help="layers of the width-sweep models")
     ap.add_argument("--scope", choices=SCOPES, default="mlp_heads", help="what the meta runs prune")
-    ap.add_argument("--profile", action="store_true", help="print the cProfile of one 7B meta run")
+    ap.add_argument(
+        "--profile", action="store_true", help="print the cProfile of one meta run of the first --configs"
+    )
     ap.add_argument("--quick", action="store_true", help="a small run for development (about a minute)")
     ap.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "llm_scaling.json")
     args = ap.parse_args()
@@ -344,7 +347,7 @@ def main() -> None:
         per_layer = [r["per_layer_s"] for r in sweep]
         print(f"per-layer time, slowest / fastest width: {max(per_layer) / min(per_layer):.2f}x")
     if args.profile:
-        _profile(args.scope, args.seq)
+        _profile(args.scope, args.seq, args.configs[0] if args.configs else "7b")
     out = args.output
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"depth": rows, "meta_configs": configs, "width_sweep": sweep}
@@ -352,12 +355,13 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def _profile(scope: str, seq: int) -> None:
-    """cProfile of Pruner construction + one step on the 7B meta config (top 30 by own time)."""
+def _profile(scope: str, seq: int, config: str = "7b") -> None:
+    """cProfile of Pruner construction + one step on the meta config ``config`` (top 30 by own
+    time)."""
     import cProfile
     import pstats
 
-    family, sizes = META_CONFIGS["7b"]
+    family, sizes = META_CONFIGS[config]
     prof = cProfile.Profile()
     prof.enable()
     meta_run(family, sizes, 1, scope, seq)

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..layers import once_per_parameter, recorded_updates
+from ..layers import once_per_parameter, recorded_updates, takes_index_tensors
 from .attributes import SHARED_HOLDER_ATTR, pruned_shape
 from .checks import GroupChecker
-from .dependency import Group, PruningError, VerificationError, snapshot
-from .facts import param_dim, side_of
+from .dependency import Group, GroupItem, PruningError, VerificationError, snapshot
+from .facts import VirtualFunction, param_dim, side_of
 from .node import Dependency, Edge, fn_name
 from .verify import ForwardCheck
 
@@ -55,7 +55,7 @@ def apply_group(
             # into a depthwise one, which prunes its outputs by other rules.
             for item in sorted(group, key=lambda it: side_of(it.dep.handler) != "out"):
                 current = item.dep
-                item.dep(item.idxs)
+                item.dep(indices_for(item))
         current = None
         for module, attr, _old, new in group.attribute_updates:
             if not attr.startswith("<"):
@@ -83,6 +83,17 @@ def apply_group(
         undo_shapes()
         restore()
         raise
+
+
+def indices_for(item: GroupItem) -> list[int] | torch.Tensor:
+    """The channels of ``item`` as its pruning function is given them: a long tensor for the
+    built-in layer pruners that take one (:func:`~prune_callbacks.layers.takes_index_tensors`)
+    and for the name-only functions of virtual ops, when the item holds no channel twice; else
+    the list ``item.idxs`` (what custom pruners always got)."""
+    handler = item.dep.handler
+    if item.distinct and (isinstance(handler, VirtualFunction) or takes_index_tensors(handler)):
+        return item.index_tensors()[0]
+    return item.idxs
 
 
 def _undo(restore: Callable[[], None]) -> Callable[[], None]:
@@ -210,6 +221,7 @@ __all__ = [
     "apply_group",
     "describe",
     "history_record",
+    "indices_for",
     "object_name",
     "probe_group",
     "recorded_shapes",

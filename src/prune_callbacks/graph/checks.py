@@ -65,6 +65,25 @@ def _multihead_attention_rule(node: Node, side: str, n: int, idxs: set[int]) -> 
 #: Rules a layer's remaining channels must follow, asked in order for every item of a group.
 LAYER_RULES: list[LayerRule] = [_grouped_conv_rule, _group_norm_rule, _multihead_attention_rule]
 
+#: The built-in rules, with the module types they judge (any other layer passes them).
+_BUILTIN_RULES: dict[LayerRule, tuple[type, ...]] = {
+    _grouped_conv_rule: (nn.modules.conv._ConvNd,),
+    _group_norm_rule: (nn.GroupNorm,),
+    _multihead_attention_rule: (nn.MultiheadAttention,),
+}
+
+
+def _reads_channels(node: Node) -> bool:
+    """Whether a rule of :data:`LAYER_RULES` may have something to say about ``node``: a rule
+    added by a user, or a built-in one for the node's module type. (Otherwise the channels of a
+    wide layer need not be written as a set of Python ints.)"""
+    module = node.module
+    for rule in LAYER_RULES:
+        types = _BUILTIN_RULES.get(rule)
+        if types is None or isinstance(module, types):
+            return True
+    return False
+
 
 def _literal_split(module: Any, old: Any, new: Any) -> str | None:
     return (
@@ -132,13 +151,17 @@ class GroupChecker:
             n = self.facts.channel_count(
                 node, side, pruner.dim if isinstance(pruner, ParameterPruner) else None
             )
-            if self.kept and item.idxs and (node, side) in self.kept:
+            if self.kept and item.count and (node, side) in self.kept:
                 return self.kept[(node, side)]
             if n is None:
                 continue
-            idxs = set(item.idxs)
-            if len(idxs) >= n:
-                return f"{node.name} would be left with no channels ({len(idxs)} of {n} pruned)"
+            # the set of channels is only written when a rule may read more than its size
+            idxs = set(item.idxs) if not item.distinct or _reads_channels(node) else None
+            count = len(idxs) if idxs is not None else item.count
+            if count >= n:
+                return f"{node.name} would be left with no channels ({count} of {n} pruned)"
+            if idxs is None:
+                continue
             for rule in LAYER_RULES:
                 problem = rule(node, side, n, idxs)
                 if problem is not None:

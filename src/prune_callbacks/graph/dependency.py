@@ -40,13 +40,15 @@ class GroupItem:
 
     An item made by a closure search holds its channels as a channel set (``channels``: a 1-D
     :class:`~.index_mapping.RootMap` of the root id of every channel, a few runs in the common
-    case) and writes the lists ``idxs`` and ``root_idxs`` on first use: a wide layer's lists are
-    thousands of Python ints, and most items of the groups of a big model are only counted
-    (:attr:`count`) or indexed as tensors (:meth:`index_tensors`). Setting ``idxs`` or
-    ``root_idxs`` drops the channel set (change them by assignment, not in place).
+    case), and an item of a subset or merged group made by the Pruner as two long tensors
+    (:meth:`of_tensors`); either writes the lists ``idxs`` and ``root_idxs`` on first use: a
+    wide layer's lists are thousands of Python ints, and most items of the groups of a big model
+    are only counted (:attr:`count`) or indexed as tensors (:meth:`index_tensors`). Setting
+    ``idxs`` or ``root_idxs`` drops the channel set and the tensors (change them by assignment,
+    not in place).
     """
 
-    __slots__ = ("dep", "_idxs", "_root_idxs", "channels")
+    __slots__ = ("dep", "_idxs", "_root_idxs", "_tensors", "channels")
 
     def __init__(
         self,
@@ -59,9 +61,26 @@ class GroupItem:
             raise TypeError("GroupItem needs idxs and root_idxs, or a channel set")
         self.dep = dep
         self._idxs, self._root_idxs, self.channels = idxs, root_idxs, channels
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of_tensors(cls, dep: Dependency, idxs: torch.Tensor, root_idxs: torch.Tensor) -> GroupItem:
+        """An item whose channels are given as 1-D long tensors: ``idxs`` ascending without
+        repeats, ``root_idxs`` as long (the lists are written from them on first use)."""
+        item = cls.__new__(cls)
+        item.dep = dep
+        item._idxs = item._root_idxs = None
+        item.channels = None
+        item._tensors = (idxs, root_idxs)
+        return item
 
     def _lists(self) -> None:
         if self._idxs is None or self._root_idxs is None:
+            if self._tensors is not None:
+                idxs, roots = self._tensors
+                self._idxs = idxs.tolist()
+                self._root_idxs = self._idxs if roots is idxs else roots.tolist()
+                return
             assert self.channels is not None
             self._idxs, self._root_idxs = im.channel_lists(self.channels)
 
@@ -75,7 +94,7 @@ class GroupItem:
     @idxs.setter
     def idxs(self, value: list[int]) -> None:
         self._lists()
-        self._idxs, self.channels = value, None
+        self._idxs, self.channels, self._tensors = value, None, None
 
     @property
     def root_idxs(self) -> list[int]:
@@ -87,20 +106,31 @@ class GroupItem:
     @root_idxs.setter
     def root_idxs(self, value: list[int]) -> None:
         self._lists()
-        self._root_idxs, self.channels = value, None
+        self._root_idxs, self.channels, self._tensors = value, None, None
 
     @property
     def count(self) -> int:
         """``len(idxs)``, without writing the lists."""
+        if self._tensors is not None:
+            return len(self._tensors[0])
         if self._idxs is not None:
             return len(self._idxs)
         if self.channels is not None:
             return im.set_count(self.channels)
         return len(self.idxs)
 
+    @property
+    def distinct(self) -> bool:
+        """Whether :attr:`idxs` is known to hold no channel twice without looking at it (a
+        channel set or tensors; lists given by a caller may repeat channels)."""
+        return self._tensors is not None or self.channels is not None
+
     def index_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``idxs`` and ``root_idxs`` as long tensors, built from the channel set when the item
-        has one (assign new lists to change an item's channels: that drops the set)."""
+        """``idxs`` and ``root_idxs`` as long tensors, built from the channel set or kept
+        tensors when the item has them (assign new lists to change an item's channels: that
+        drops them)."""
+        if self._tensors is not None:
+            return self._tensors
         if self.channels is not None:
             return im.channel_tensors(self.channels)
         return (

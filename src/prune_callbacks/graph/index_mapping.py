@@ -416,11 +416,15 @@ def channel_lists(s: RootMap) -> tuple[list[int], list[int]]:
 
 
 def channel_tensors(s: RootMap) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`channel_lists` as two long tensors (built with torch ops, no Python int per channel)."""
+    """:func:`channel_lists` as two long tensors (built with torch ops, no Python int per channel).
+    When every channel is its own root the two are the same tensor. Treat them as read-only."""
     if s.runs is not None:
         if not s.runs:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        idxs = torch.cat([torch.arange(a, e) for a, e, _b, _st in s.runs])
+        if all(st and a == b for a, _e, b, st in s.runs):  # every channel its own root
+            idxs = _aranges(s.runs)
+            return idxs, idxs
+        idxs = _aranges(s.runs)
         roots = torch.cat(
             [torch.arange(b, b + e - a) if st else torch.full((e - a,), b) for a, e, b, st in s.runs]
         )
@@ -428,6 +432,13 @@ def channel_tensors(s: RootMap) -> tuple[torch.Tensor, torch.Tensor]:
     flat = s.t.reshape(-1)
     idxs_t = torch.nonzero(flat >= 0).flatten()
     return idxs_t, flat[idxs_t]
+
+
+def _aranges(runs: list[Run]) -> torch.Tensor:
+    """The positions of ``runs``, ascending."""
+    if len(runs) == 1:
+        return torch.arange(runs[0][0], runs[0][1])
+    return torch.cat([torch.arange(a, e) for a, e, _b, _st in runs])
 
 
 def set_count(s: RootMap) -> int:

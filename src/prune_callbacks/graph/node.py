@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn as nn
 
 from .ops import OpType
@@ -170,8 +171,9 @@ class Dependency:
         repeated block (the channel-to-root record is shared, not copied)."""
         return Dependency(trigger, handler, source, target, self._index_mapping)
 
-    def __call__(self, idxs: Sequence[int]) -> Any:
-        """Apply the handler to the target module."""
+    def __call__(self, idxs: Sequence[int] | torch.Tensor) -> Any:
+        """Apply the handler to the target module (``idxs``: a list, or a long tensor for the
+        pruning functions that take one, see :func:`~prune_callbacks.layers.takes_index_tensors`)."""
         return self.handler(self.target.module, idxs)
 
     def is_triggered_by(self, pruning_fn: Callable) -> bool:

@@ -440,6 +440,10 @@ class _ShapeOnlyMode(TorchDispatchMode):
             return _meta_like(x), _meta(stats, x.dtype), _meta(stats, x.dtype)
         if func in _SOFTMAX_OPS:
             return _meta_like(args[0])
+        if func is torch.ops.aten.mean.dim:
+            out = _mean_result(*args, **kwargs)
+            if out is not None:
+                return out
         if func in _BN_OPS:
             x = args[0]
             return _meta_like(x), _meta((x.shape[1],), torch.float32), _meta((x.shape[1],), torch.float32)
@@ -451,6 +455,27 @@ class _ShapeOnlyMode(TorchDispatchMode):
                 shape = _broadcast_shapes([t.shape for t in tensors])
                 return torch.empty(shape, dtype=_result_dtype(func, args, tensors), device="meta")
         return func(*args, **kwargs)
+
+
+def _mean_result(
+    x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """The empty result of ``mean`` over the dims ``dim`` of a floating meta tensor (an RMS norm's
+    mean of squares), or None for the cases left to the op (no dims, integers, another dtype):
+    its meta kernel is a Python reference implementation."""
+    if (
+        x.device.type != "meta"
+        or not dim
+        or dtype is not None
+        or not x.is_floating_point()
+        or any(not isinstance(d, int) or not -max(x.dim(), 1) <= d < max(x.dim(), 1) for d in dim)
+    ):
+        return None
+    reduced = {d % x.dim() for d in dim} if x.dim() else set()
+    if len(reduced) != len(dim) and x.dim():
+        return None  # a dim named twice: the op raises
+    shape = [1 if k in reduced else n for k, n in enumerate(x.shape) if keepdim or k not in reduced]
+    return _meta(shape, x.dtype)
 
 
 def _meta(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -608,14 +633,20 @@ def _stand_ins(model: nn.Module, meta: bool) -> dict[str, torch.Tensor]:
     """Stand-ins for the model's parameters (requiring grad) and buffers: empty meta tensors, or
     detached parameters and cloned buffers, so that running the model changes none of its state."""
     if meta:
-        stand_in = {
-            n: torch.empty_like(p, device="meta").requires_grad_(True) for n, p in model.named_parameters()
-        }
-        stand_in.update({n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()})
+        stand_in = {n: _meta_stand_in(p).requires_grad_(True) for n, p in model.named_parameters()}
+        stand_in.update({n: _meta_stand_in(b) for n, b in model.named_buffers()})
     else:
         stand_in = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
         stand_in.update({n: b.clone() for n, b in model.named_buffers()})
     return stand_in
+
+
+def _meta_stand_in(t: torch.Tensor) -> torch.Tensor:
+    """An empty meta tensor like ``t`` (``torch.empty_like`` on the meta device, whose Python
+    reference implementation is slow; contiguous tensors take a plain ``torch.empty``)."""
+    if t.layout == torch.strided and t.is_contiguous():
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return torch.empty_like(t, device="meta")
 
 
 def _input_stand_ins(example_inputs: Any, meta: bool) -> Any:

@@ -9,11 +9,12 @@ from .base import (
     Idxs,
     ParamViews,
     Side,
+    accepts_index_tensors,
     check_side,
     define_public_functions,
     keep_indices,
-    normalize_idxs,
     register_pruner,
+    removed_channels,
     select_parameter,
     vector_view,
 )
@@ -32,8 +33,8 @@ class PReLUPruner(CoupledPruner[nn.PReLU]):
         """Slice the slopes; a shared slope is left alone."""
         if module.num_parameters == 1:
             return module
-        removed = normalize_idxs(idxs, module.num_parameters, module)
-        if removed:
+        removed = removed_channels(idxs, module.num_parameters, module)
+        if len(removed):
             keep = keep_indices(module.num_parameters, removed)
             select_parameter(module.weight, 0, keep)
             module.num_parameters = len(keep)
@@ -46,5 +47,6 @@ class PReLUPruner(CoupledPruner[nn.PReLU]):
 
 
 PRELU_PRUNER = PReLUPruner()
+accepts_index_tensors(PReLUPruner)
 register_pruner(nn.PReLU, PRELU_PRUNER)
 prune_prelu_out_channels, prune_prelu_in_channels = define_public_functions(PRELU_PRUNER, "prelu")

@@ -93,11 +93,40 @@ def normalize_idxs(idxs: Idxs, num_channels: int, module: object) -> list[int]:
     return unique
 
 
-def keep_indices(num_channels: int, removed: Sequence[int], device: torch.device | None = None) -> Tensor:
-    """Indices of the channels that survive removing ``removed``, as a long tensor on ``device``."""
+def removed_channels(idxs: Idxs, num_channels: int, module: object) -> Tensor:
+    """:func:`normalize_idxs` as a long CPU tensor (sorted, without duplicates), with the same
+    checks and errors; an index tensor is checked and sorted with torch ops, without a Python
+    int per index (the channels of a wide layer)."""
+    if not isinstance(idxs, Tensor):
+        return torch.as_tensor(normalize_idxs(idxs, num_channels, module), dtype=torch.long)
+    if idxs.dtype == torch.bool or idxs.is_floating_point() or idxs.is_complex():
+        raise TypeError(f"{type_name(module)}: channel indices must be integers, got a {idxs.dtype} tensor")
+    flat = idxs.detach().reshape(-1).cpu().long()
+    # a group's channels come sorted and distinct already: checked in one pass, not sorted again
+    unique = flat if bool((flat[1:] > flat[:-1]).all()) else torch.unique(flat, sorted=True)
+    if len(unique) and (int(unique[0]) < 0 or int(unique[-1]) >= num_channels):
+        bad = unique[(unique < 0) | (unique >= num_channels)].tolist()
+        raise ValueError(
+            f"{type_name(module)}: channel indices {bad} are out of range for {num_channels} channels"
+        )
+    if len(unique) and len(unique) >= num_channels:
+        raise ValueError(
+            f"{type_name(module)}: cannot prune all {num_channels} channels (a layer needs at least one)"
+        )
+    return unique
+
+
+def keep_indices(
+    num_channels: int, removed: Sequence[int] | Tensor, device: torch.device | None = None
+) -> Tensor:
+    """Indices of the channels that survive removing ``removed`` (a sequence or a long tensor),
+    as a long tensor on ``device``."""
     mask = torch.ones(num_channels, dtype=torch.bool)
-    if removed:
-        mask[torch.as_tensor(list(removed), dtype=torch.long)] = False
+    if len(removed):
+        if isinstance(removed, Tensor):
+            mask[removed.to(device="cpu", dtype=torch.long)] = False
+        else:
+            mask[torch.as_tensor(list(removed), dtype=torch.long)] = False
     return mask.nonzero().flatten().to(device)
 
 
@@ -238,6 +267,28 @@ def columns_without_rows_view(channels: int, col_blocks: int = 1) -> ViewFn:
 # ---------------------------------------------------------------------------------------------
 # Pruning functions
 # ---------------------------------------------------------------------------------------------
+
+
+#: Pruner classes (exact classes, not their subclasses) whose pruning functions take an index
+#: tensor as cheaply as a list (checked and sorted with torch ops: :func:`removed_channels`),
+#: with the function classes they use; see :func:`takes_index_tensors`.
+_TENSOR_INDEX_PRUNERS: set[type] = set()
+_TENSOR_INDEX_FUNCTIONS: set[type] = set()
+
+
+def accepts_index_tensors(pruner_class: type[LayerPruner[Any]]) -> None:
+    """Declare that the pruning functions of ``pruner_class`` (exactly that class) handle an index
+    tensor without a Python int per index: a graph then hands them a group's channels as a
+    tensor. Other pruners, subclasses of these included, keep getting lists."""
+    _TENSOR_INDEX_PRUNERS.add(pruner_class)
+    _TENSOR_INDEX_FUNCTIONS.add(pruner_class.function_class)
+
+
+def takes_index_tensors(fn: object) -> bool:
+    """Whether ``fn`` is the pruning function of a pruner declared with
+    :func:`accepts_index_tensors`, so that it can be given the channels to remove as a long
+    tensor."""
+    return type(fn) in _TENSOR_INDEX_FUNCTIONS and type(getattr(fn, "pruner", None)) in _TENSOR_INDEX_PRUNERS
 
 
 class PruningFunction(Generic[ModuleT]):

@@ -9,11 +9,12 @@ from .base import (
     LayerPruner,
     ParamViews,
     Side,
+    accepts_index_tensors,
     check_side,
     define_public_functions,
     keep_indices,
-    normalize_idxs,
     register_pruner,
+    removed_channels,
     select_parameter,
     type_name,
 )
@@ -42,8 +43,8 @@ class EmbeddingPruner(LayerPruner[nn.Embedding]):
 
     def prune_out_channels(self, module: nn.Embedding, idxs: Idxs) -> nn.Embedding:
         """Remove columns of the embedding table."""
-        removed = normalize_idxs(idxs, module.embedding_dim, module)
-        if removed:
+        removed = removed_channels(idxs, module.embedding_dim, module)
+        if len(removed):
             keep = keep_indices(module.embedding_dim, removed, module.weight.device)
             select_parameter(module.weight, 1, keep)
             module.embedding_dim = len(keep)
@@ -63,6 +64,7 @@ class EmbeddingPruner(LayerPruner[nn.Embedding]):
 
 
 EMBEDDING_PRUNER = EmbeddingPruner()
+accepts_index_tensors(EmbeddingPruner)
 register_pruner(nn.Embedding, EMBEDDING_PRUNER)
 prune_embedding_out_channels, prune_embedding_in_channels = define_public_functions(
     EMBEDDING_PRUNER, "embedding"

@@ -9,11 +9,12 @@ from .base import (
     LayerPruner,
     ParamViews,
     Side,
+    accepts_index_tensors,
     check_side,
     define_public_functions,
     keep_indices,
-    normalize_idxs,
     register_pruner,
+    removed_channels,
     select_parameter,
     vector_view,
 )
@@ -34,8 +35,8 @@ class LinearPruner(LayerPruner[nn.Linear]):
 
     def prune_out_channels(self, module: nn.Linear, idxs: Idxs) -> nn.Linear:
         """Remove weight rows and bias entries."""
-        removed = normalize_idxs(idxs, module.out_features, module)
-        if removed:
+        removed = removed_channels(idxs, module.out_features, module)
+        if len(removed):
             keep = keep_indices(module.out_features, removed, module.weight.device)
             select_parameter(module.weight, 0, keep)
             select_parameter(module.bias, 0, keep)
@@ -44,8 +45,8 @@ class LinearPruner(LayerPruner[nn.Linear]):
 
     def prune_in_channels(self, module: nn.Linear, idxs: Idxs) -> nn.Linear:
         """Remove weight columns."""
-        removed = normalize_idxs(idxs, module.in_features, module)
-        if removed:
+        removed = removed_channels(idxs, module.in_features, module)
+        if len(removed):
             keep = keep_indices(module.in_features, removed, module.weight.device)
             select_parameter(module.weight, 1, keep)
             module.in_features = len(keep)
@@ -63,5 +64,6 @@ class LinearPruner(LayerPruner[nn.Linear]):
 
 
 LINEAR_PRUNER = LinearPruner()
+accepts_index_tensors(LinearPruner)
 register_pruner(nn.Linear, LINEAR_PRUNER)
 prune_linear_out_channels, prune_linear_in_channels = define_public_functions(LINEAR_PRUNER, "linear")

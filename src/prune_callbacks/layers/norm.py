@@ -12,11 +12,13 @@ from .base import (
     Idxs,
     ParamViews,
     Side,
+    accepts_index_tensors,
     check_side,
     define_public_functions,
     keep_indices,
     normalize_idxs,
     register_pruner,
+    removed_channels,
     select_buffer,
     select_parameter,
     type_name,
@@ -72,8 +74,8 @@ class _StatsNormPruner(CoupledPruner[StatsNorm]):
 
     def prune(self, module: StatsNorm, idxs: Idxs) -> StatsNorm:
         """Slice weight, bias, running_mean and running_var."""
-        removed = normalize_idxs(idxs, module.num_features, module)
-        if removed:
+        removed = removed_channels(idxs, module.num_features, module)
+        if len(removed):
             keep = keep_indices(module.num_features, removed)
             select_parameter(module.weight, 0, keep)
             select_parameter(module.bias, 0, keep)
@@ -106,8 +108,8 @@ class LayerNormPruner(CoupledPruner[LayerNormLike]):
     def prune(self, module: LayerNormLike, idxs: Idxs) -> LayerNormLike:
         """Slice weight/bias along their last dim and update ``normalized_shape``."""
         shape = tuple(module.normalized_shape)
-        removed = normalize_idxs(idxs, shape[-1], module)
-        if removed:
+        removed = removed_channels(idxs, shape[-1], module)
+        if len(removed):
             keep = keep_indices(shape[-1], removed)
             dim = len(shape) - 1
             select_parameter(getattr(module, "weight", None), dim, keep)
@@ -160,6 +162,9 @@ LAYERNORM_PRUNER = LayerNormPruner()
 GROUPNORM_PRUNER = GroupNormPruner()
 INSTANCENORM_PRUNER = InstanceNormPruner()
 
+accepts_index_tensors(BatchNormPruner)
+accepts_index_tensors(InstanceNormPruner)
+accepts_index_tensors(LayerNormPruner)
 register_pruner(nn.modules.batchnorm._BatchNorm, BATCHNORM_PRUNER)
 register_pruner(nn.LayerNorm, LAYERNORM_PRUNER)
 register_pruner(nn.RMSNorm, LAYERNORM_PRUNER)

@@ -18,11 +18,12 @@ from .base import (
     ParamViews,
     PruningFunction,
     Side,
+    accepts_index_tensors,
     check_side,
     define_public_functions,
     keep_indices,
-    normalize_idxs,
     register_pruner,
+    removed_channels,
     select_parameter,
 )
 
@@ -74,8 +75,8 @@ class ParameterPruner(CoupledPruner[nn.Parameter]):
     def prune(self, module: nn.Parameter, idxs: Idxs) -> nn.Parameter:
         """Slice the Parameter along its pruning dim (identity kept)."""
         dim = self.pruning_dim(module)
-        removed = normalize_idxs(idxs, module.shape[dim], module)
-        if removed:
+        removed = removed_channels(idxs, module.shape[dim], module)
+        if len(removed):
             select_parameter(module, dim, keep_indices(module.shape[dim], removed))
         return module
 
@@ -87,6 +88,7 @@ class ParameterPruner(CoupledPruner[nn.Parameter]):
 
 
 PARAMETER_PRUNER = ParameterPruner()
+accepts_index_tensors(ParameterPruner)
 register_pruner(nn.Parameter, PARAMETER_PRUNER)
 prune_parameter_out_channels, prune_parameter_in_channels = define_public_functions(
     PARAMETER_PRUNER, "parameter", stateless=False

@@ -44,6 +44,7 @@ saves its generator; the others have nothing to save (``{}``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -75,6 +76,7 @@ __all__ = [
     "group_indexes",
     "importance_key",
     "lamp_normalize",
+    "root_id_tensor",
     "root_ids",
     "view_tensor",
 ]
@@ -173,43 +175,73 @@ def root_ids(group: Any) -> list[int]:
     head the id of the head's first channel (``item.root_idxs``), so they have one root id per
     head and are scored and pruned by whole heads.
     """
-    root = group.root
-    if root.root_idxs == root.idxs:
-        return list(root.idxs)
-    return sorted(set(root.root_idxs))
+    return root_id_tensor(group).tolist()
+
+
+def root_id_tensor(group: Any, root_tensors: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:func:`root_ids` as a long tensor (no Python int per channel); ``root_tensors``: the
+    root item's :meth:`~prune_callbacks.graph.dependency.GroupItem.index_tensors` when the
+    caller has them."""
+    idxs, roots = root_tensors if root_tensors is not None else group.root.index_tensors()
+    if roots is idxs or torch.equal(roots, idxs):
+        return idxs
+    if bool((roots[1:] >= roots[:-1]).all()):  # ascending (heads: a block's channels share an id)
+        return torch.unique_consecutive(roots)
+    return torch.unique(roots, sorted=True)
 
 
 class GroupIndex:
     """Flat index tensors of a group, built once per group and shared by the criteria and the
-    pruner: for every (item, channel) entry its item number, target channel and root position
-    (the position of its root id in :func:`root_ids`; -1 for an id outside it)."""
+    pruner: for every (item, channel) entry its item number (``item``, built on first use),
+    target channel (``idx``) and root position (``pos``: the position of its root id in
+    :func:`root_ids`; -1 for an id outside it). Item ``k``'s entries are
+    ``offsets[k]:offsets[k + 1]``. ``id_tensor`` holds the root ids (``ids`` is the same as a
+    list, written on first use)."""
 
-    __slots__ = ("n", "ids", "identity", "lengths", "item", "idx", "pos")
+    __slots__ = ("n", "id_tensor", "_ids", "identity", "lengths", "offsets", "_item", "idx", "pos")
 
     def __init__(self, group: Any) -> None:
-        ids = root_ids(group)
-        self.ids = ids
-        self.n = n = len(ids)
-        self.identity = n == 0 or (ids[0] == 0 and ids[-1] == n - 1)
         items = list(group)
-        self.lengths = [it.count for it in items]
-        self.item = torch.repeat_interleave(
-            torch.arange(len(items)), torch.as_tensor(self.lengths, dtype=torch.long)
-        )
         # from the items' channel sets where they have them: no Python int per channel
         parts = [it.index_tensors() for it in items]
+        ids = root_id_tensor(group, parts[0] if parts else None)
+        self.id_tensor = ids
+        self._ids: list[int] | None = None
+        self.n = n = len(ids)
+        self.identity = n == 0 or (int(ids[0]) == 0 and int(ids[-1]) == n - 1)
+        self.lengths = [len(p[0]) for p in parts]
+        self.offsets = [0, *itertools.accumulate(self.lengths)]
+        self._item: Tensor | None = None
         empty = torch.zeros(0, dtype=torch.long)
         self.idx = torch.cat([p[0] for p in parts]) if parts else empty
         roots = torch.cat([p[1] for p in parts]) if parts else empty
         if self.identity:
-            self.pos = torch.where((roots >= 0) & (roots < n), roots, torch.full_like(roots, -1))
+            if not len(roots) or (int(roots.min()) >= 0 and int(roots.max()) < n):
+                self.pos = roots  # every root id is a position already
+            else:
+                self.pos = torch.where((roots >= 0) & (roots < n), roots, torch.full_like(roots, -1))
         else:
-            values = torch.as_tensor(ids, dtype=torch.long)
-            top = int(max(int(values.max()), int(roots.max()) if len(roots) else 0)) + 1
+            top = int(max(int(ids.max()), int(roots.max()) if len(roots) else 0)) + 1
             lut = torch.full((top,), -1, dtype=torch.long)
-            lut[values] = torch.arange(n)
+            lut[ids] = torch.arange(n)
             self.pos = lut[roots.clamp(min=0)]
             self.pos[roots < 0] = -1
+
+    @property
+    def item(self) -> Tensor:
+        """The item number of every entry."""
+        if self._item is None:
+            self._item = torch.repeat_interleave(
+                torch.arange(len(self.lengths)), torch.as_tensor(self.lengths, dtype=torch.long)
+            )
+        return self._item
+
+    @property
+    def ids(self) -> list[int]:
+        """The root ids (:func:`root_ids`) as a list."""
+        if self._ids is None:
+            self._ids = self.id_tensor.tolist()
+        return self._ids
 
 
 class GroupIndexCache:
@@ -540,7 +572,7 @@ class RandomImportance(Importance):
             self.generator.seed()
 
     def __call__(self, group: Any) -> Tensor | None:
-        return torch.rand(len(root_ids(group)), generator=self.generator)
+        return torch.rand(len(root_id_tensor(group)), generator=self.generator)
 
     def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
         """``{"generator": state of the random generator}`` (the next draws continue from it)."""

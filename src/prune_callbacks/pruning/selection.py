@@ -325,6 +325,25 @@ class ChannelCounts:
         return self.budget_counts(groups, positions, min(want, n))
 
 
+def lowest_positions(scores: Tensor, count: int) -> Tensor | None:
+    """The positions of the ``count`` lowest scores, ascending (a long tensor): the same set as
+    the first ``count`` of a stable ascending sort (ties go to the lower position), found
+    without sorting every score. None when ``count`` is not positive or the scores hold NaN."""
+    n = len(scores)
+    if count <= 0 or n == 0:
+        return None
+    if count >= n:
+        return torch.arange(n)
+    if bool(torch.isnan(scores).any()):
+        return None
+    kth = torch.kthvalue(scores, count).values
+    below = scores < kth
+    ties = (scores == kth).nonzero().flatten()[: count - int(below.sum())]
+    chosen = below
+    chosen[ties] = True
+    return chosen.nonzero().flatten()
+
+
 def _item_structure(item: Any) -> tuple:
     """What a group item contributes to its group's structure class: layer type, pruned side and
     the static shape of the layer (see :meth:`ChannelCounts.structure`)."""
@@ -376,19 +395,20 @@ class ChannelSelector:
     def select(self, group: Group, scores: Tensor, count: int) -> list[int] | None:
         """The lowest ``count`` channels, balanced or reduced until the prune is valid (None: the
         group cannot be pruned; a warning says why)."""
-        order = torch.sort(scores, stable=True).indices.tolist()
         first_reason = None
-        for positions in self.candidates(group, order, count):
-            if not positions:
+        lowest_t = lowest_positions(scores, count)
+        lowest = None if lowest_t is None else lowest_t.tolist()
+        if lowest is not None:
+            # the first candidate without sorting every score (most groups take it)
+            first_reason = self._problem(group, lowest, lowest_t)
+            if first_reason is None:
+                return lowest
+        order = torch.sort(scores, stable=True).indices.tolist()
+        for k, positions in enumerate(self.candidates(group, order, count)):
+            if not positions or (k == 0 and lowest is not None):
                 continue
             positions = sorted(positions)
-            sub = self.subsets.subset(group, positions)
-            # A shared config changed for every layer is checked on the merged prune of the step.
-            reason = (
-                sub.reason
-                if isinstance(sub, Unprunable)
-                else self.graph.explain_pruning_group(sub, check_shared=False)
-            )
+            reason = self._problem(group, positions)
             if reason is None:
                 return positions
             first_reason = first_reason or reason
@@ -397,6 +417,15 @@ class ChannelSelector:
             stacklevel=5,
         )
         return None
+
+    def _problem(self, group: Group, positions: list[int], as_tensor: Tensor | None = None) -> str | None:
+        """Why removing root positions ``positions`` (ascending; ``as_tensor``: the same as a
+        tensor, when the caller has it) of ``group`` is not a valid prune, or None."""
+        sub = self.subsets.subset(group, positions, as_tensor)
+        if isinstance(sub, Unprunable):
+            return sub.reason
+        # A shared config changed for every layer is checked on the merged prune of the step.
+        return self.graph.explain_pruning_group(sub, check_shared=False)
 
     def candidates(self, group: Group, order: list[int], count: int) -> Iterator[list[int]]:
         """Position sets to try, best first: the lowest ``count``; then as many per part of a

@@ -30,8 +30,8 @@ __all__ = ["Plan", "SubsetGroups", "Unprunable", "root_channels"]
 #: What one step removes: ``(full group, positions of its root channels to remove)`` per group.
 Plan = list[tuple[Group, list[int]]]
 
-#: Items of a subset group: ``(full item, its channels to remove, their root ids)``.
-Selected = list[tuple[GroupItem, list[int], list[int]]]
+#: Items of a subset group: ``(full item, its channels to remove, their root ids)`` (long tensors).
+Selected = list[tuple[GroupItem, Tensor, Tensor]]
 
 
 class Unprunable:
@@ -64,35 +64,41 @@ def root_channels(group: Group, positions: list[int]) -> list[int]:
     return [c for c, r in zip(root.idxs, root.root_idxs) if r in chosen]
 
 
-def value_lut(group: Group, positions: list[int]) -> Tensor:
+def position_tensor(positions: list[int] | Tensor) -> Tensor:
+    """Root positions as a long tensor."""
+    if isinstance(positions, Tensor):
+        return positions.long()
+    return torch.as_tensor(positions, dtype=torch.long)
+
+
+def value_lut(group: Group, positions: list[int] | Tensor) -> Tensor:
     """Boolean table over root channel ids + 1 (index 0: kept entries of a map)."""
-    ids = group_index(group).ids
-    values = [ids[p] for p in positions]
-    top = max(ids, default=0) + 2
+    ids = group_index(group).id_tensor
+    top = (int(ids.max()) if len(ids) else 0) + 2
     lut = torch.zeros(top, dtype=torch.bool)
-    lut[torch.as_tensor(values, dtype=torch.long) + 1] = True
+    lut[ids[position_tensor(positions)] + 1] = True
     return lut
 
 
-def selected_items(group: Group, positions: list[int]) -> Selected:
-    """Items of the subset group for root positions ``positions``: (full item, idxs, root ids)."""
+def selected_items(group: Group, positions: list[int] | Tensor) -> Selected:
+    """Items of the subset group for root positions ``positions``: (full item, idxs, root ids),
+    as tensors cut from the group's flat index (no Python int per channel)."""
     gi = group_index(group)
     lut = torch.zeros(gi.n + 1, dtype=torch.bool)
-    lut[torch.as_tensor(positions, dtype=torch.long) + 1] = True
-    mask = lut[gi.pos + 1]
-    idx = gi.idx[mask].tolist()
-    pos = gi.pos[mask].tolist()
-    counts = torch.bincount(gi.item[mask], minlength=len(gi.lengths)).tolist()
-    roots = gi.ids
-    identity = gi.identity
-    out = []
-    start = 0
-    for item, c in zip(group.items, counts):
-        if c:
-            sel = pos[start : start + c]
-            out.append((item, idx[start : start + c], sel if identity else [roots[p] for p in sel]))
-        start += c
-    return out
+    lut[position_tensor(positions) + 1] = True
+    at = lut[gi.pos + 1].nonzero().flatten()  # ascending: item by item
+    idx = gi.idx[at]
+    pos = gi.pos[at]
+    roots = pos if gi.identity else gi.id_tensor[pos]
+    ends = torch.searchsorted(at, torch.as_tensor(gi.offsets, dtype=torch.long)).tolist()
+    return [(item, idx[a:b], roots[a:b]) for item, a, b in zip(group.items, ends, ends[1:]) if b > a]
+
+
+def _item(full: GroupItem, idxs: Tensor, roots: Tensor) -> GroupItem:
+    """A subset item of ``full`` (tensors when ``full`` has no repeated channel, else lists)."""
+    if full.distinct:
+        return GroupItem.of_tensors(full.dep, idxs, roots)
+    return GroupItem(full.dep, idxs.tolist(), roots.tolist())
 
 
 class SubsetGroups:
@@ -111,7 +117,7 @@ class SubsetGroups:
     def __init__(self, graph: DependencyGraph, fast: bool = True) -> None:
         self.graph = graph
         self.fast = fast
-        self._selected: dict[int, tuple[Group, list[int], Selected]] = {}
+        self._selected: dict[int, tuple[Group, list[int], Tensor, Selected]] = {}
         self._attribute_edges: dict[int, tuple[Group, list]] = {}
 
     def forget(self) -> None:
@@ -120,8 +126,11 @@ class SubsetGroups:
         self._attribute_edges.clear()
 
     # ------------------------------------------------------------------ one group
-    def subset(self, group: Group, positions: list[int]) -> Group | Unprunable:
-        """The subset group of ``group`` that removes root positions ``positions``.
+    def subset(
+        self, group: Group, positions: list[int], as_tensor: Tensor | None = None
+    ) -> Group | Unprunable:
+        """The subset group of ``group`` that removes root positions ``positions`` (``as_tensor``:
+        the same positions as a long tensor, when the caller has them).
 
         Edge maps are only built when the group changes attributes (split sizes, head counts:
         needed to check them), and only for the tensors those are read from.
@@ -134,13 +143,14 @@ class SubsetGroups:
                 )
             except ValueError as e:
                 return Unprunable(str(e))
-        selected = selected_items(group, positions)
-        self._selected[id(group)] = (group, positions, selected)  # reused by the merged prune
-        items = [GroupItem(it.dep, idxs, roots) for it, idxs, roots in selected]
+        pos_t = position_tensor(positions if as_tensor is None else as_tensor)
+        selected = selected_items(group, pos_t)
+        self._selected[id(group)] = (group, positions, pos_t, selected)  # reused by the merged prune
+        items = [_item(it, idxs, roots) for it, idxs, roots in selected]
         maps: dict[Any, RootMap] = {}
         attrs: list = []
         if group.attribute_updates:
-            lut = value_lut(group, positions)
+            lut = value_lut(group, pos_t)
             edge_maps = group.edge_maps
             for edge in self._edges_of(group):
                 m = edge_maps[edge]
@@ -161,41 +171,57 @@ class SubsetGroups:
     def merged(self, plan: Plan) -> Group:
         """One group removing everything of ``plan``: per layer and side the union of the channel
         indices, per tensor the union of the pruned positions."""
-        items: dict[tuple[int, str], tuple[GroupItem, list[list[int]]]] = {}
+        items: dict[tuple[int, str], tuple[GroupItem, Selected]] = {}
+        position_tensors: dict[int, Tensor] = {}
         for group, positions in plan:
-            cached = self._selected.get(id(group))
-            if cached is not None and cached[0] is group and cached[1] == positions:
-                selected = cached[2]
-            else:
-                selected = selected_items(group, positions)
-            for it, idxs, _roots in selected:
+            pos_t, selected = self._selection(group, positions)
+            position_tensors[id(group)] = pos_t
+            for entry in selected:
+                it = entry[0]
                 key = (id(it.dep.target), getattr(it.dep.handler, "__name__", repr(it.dep.handler)))
-                entry = items.get(key)
-                if entry is None:
-                    items[key] = (it, [idxs])
+                known = items.get(key)
+                if known is None:
+                    items[key] = (it, [entry])
                 else:
-                    entry[1].append(idxs)
+                    known[1].append(entry)
         merged_items = []
-        for it, lists in items.values():
-            idxs = lists[0] if len(lists) == 1 else sorted(set(chain.from_iterable(lists)))
-            merged_items.append(GroupItem(it.dep, idxs, idxs))
-        maps = self.merged_edge_maps(plan)
+        for it, entries in items.values():
+            if all(e[0].distinct for e in entries):
+                parts = [e[1] for e in entries]
+                idxs = parts[0] if len(parts) == 1 else torch.unique(torch.cat(parts), sorted=True)
+                merged_items.append(GroupItem.of_tensors(it.dep, idxs, idxs))
+            else:
+                lists = [e[1].tolist() for e in entries]
+                union = lists[0] if len(lists) == 1 else sorted(set(chain.from_iterable(lists)))
+                merged_items.append(GroupItem(it.dep, union, union))
+        maps = self.merged_edge_maps(plan, position_tensors)
         attribute_maps = {e: maps[e] for e in self.graph.attribute_edges(maps)}
         return Group(merged_items, self.graph, self.graph.attribute_updates_for(attribute_maps), maps)
 
+    def _selection(self, group: Group, positions: list[int]) -> tuple[Tensor, Selected]:
+        """``positions`` as a tensor and the items selected for them (remembered by
+        :meth:`subset`, else computed)."""
+        cached = self._selected.get(id(group))
+        if cached is not None and cached[0] is group and (cached[1] is positions or cached[1] == positions):
+            return cached[2], cached[3]
+        pos_t = position_tensor(positions)
+        return pos_t, selected_items(group, pos_t)
+
     @staticmethod
-    def merged_edge_maps(plan: Plan) -> dict[Any, RootMap]:
+    def merged_edge_maps(plan: Plan, position_tensors: dict[int, Tensor] | None = None) -> dict[Any, RootMap]:
         """Per tensor (edge), the positions pruned by any group of ``plan``, as maps with -1 for
         kept and 0 for pruned entries (only the sign of a map matters once it is merged).
+        ``position_tensors``: the plan's positions as tensors, by id of the group, where known.
 
         Full-group map entries are -1 (kept) or root ids of that group, so ``t + 1`` indexes a
         table of the group's chosen root ids."""
         pruned: dict[Any, Tensor] = {}
+        known = position_tensors or {}
         for group, positions in plan:
             edge_maps = group.edge_maps
             if not edge_maps:
                 continue
-            lut = value_lut(group, positions)
+            lut = value_lut(group, known.get(id(group), positions))
             masks: dict[int, Tensor] = {}
             for edge, m in edge_maps.items():
                 mask = masks.get(id(m.t))
