@@ -172,3 +172,30 @@ def test_count_module_macs_per_submodule() -> None:
     total, per = count_module_macs(model, x)
     assert total == count_macs_and_params(model, x)[0] == 5 * (4 * 8 + 8 * 3)
     assert per == {"": total, "0": 5 * 4 * 8, "2": 5 * 8 * 3}
+
+
+class _TokenToBlock(nn.Module):
+    """CaiT style: a parameter expanded in forward and passed to a submodule. Under ``no_grad``
+    such a view still says ``requires_grad`` but has no ``grad_fn``, which the module tracker of
+    ``FlopCounterMode`` rejects unless the parameters are frozen while counting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.block = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        token = self.cls_token.expand(x.shape[0], -1, -1)
+        return self.head(self.block(token)[:, 0] + x)
+
+
+def test_counting_a_model_that_passes_an_expanded_parameter_to_a_submodule() -> None:
+    from prune_callbacks import Pruner
+
+    model = _TokenToBlock()
+    model.head.weight.requires_grad_(False)  # a frozen layer stays frozen after counting
+    macs, params = count_macs_and_params(model, torch.randn(2, 8))
+    assert macs == 2 * (8 * 8 + 8 * 3) and params == sum(p.numel() for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, False, True]
+    Pruner(model, torch.randn(2, 8), "l2", target_speedup=1.3)  # counts MACs at construction

@@ -25,7 +25,9 @@ __all__ = [
     "count_macs_and_params",
     "count_module_macs",
     "count_params",
+    "counting",
     "eval_no_grad",
+    "frozen_parameters",
     "measure_latency",
 ]
 
@@ -56,6 +58,34 @@ def eval_no_grad(model: nn.Module) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters of ``model`` with ``requires_grad=False`` inside, each put back after (on any
+    exception too). FLOP counting needs it: a view of a parameter made under ``no_grad``
+    (``self.cls_token.expand(B, -1, -1)``) still says ``requires_grad`` but has no ``grad_fn``, and
+    when it is passed to a submodule, the module tracker of ``FlopCounterMode`` fails on it
+    ("Expected gradient function to be set")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def counting(model: nn.Module) -> Iterator[FlopCounterMode]:
+    """A ``FlopCounterMode`` over the body, with ``model`` as every count sees it: eval mode, no
+    autograd, :func:`frozen_parameters`, SDPA on its math backend (the fused CPU kernel has no
+    FLOP formula) and compiled code run eagerly."""
+    counter = FlopCounterMode(display=False)
+    math_sdpa = sdpa_kernel(SDPBackend.MATH)
+    with eval_no_grad(model), frozen_parameters(model), math_sdpa, eager_compiled_code(), counter:
+        yield counter
+
+
 def count_macs_and_params(
     model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None
 ) -> tuple[int, int]:
@@ -69,8 +99,7 @@ def count_macs_and_params(
     """
     example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
-    counter = FlopCounterMode(display=False)
-    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), eager_compiled_code(), counter:
+    with counting(model) as counter:
         run(model, example_inputs)
     return int(counter.get_total_flops()) // 2, count_params(model)
 
@@ -83,8 +112,7 @@ def count_module_macs(
     left out). Counted as :func:`count_macs_and_params` counts."""
     example_inputs = input_list(example_inputs)[0]
     run = forward_fn if forward_fn is not None else call_model
-    counter = FlopCounterMode(display=False)
-    with eval_no_grad(model), sdpa_kernel(SDPBackend.MATH), eager_compiled_code(), counter:
+    with counting(model) as counter:
         run(model, example_inputs)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
