@@ -306,3 +306,10 @@ def run_app(args: list[str]) -> None:
     finally:
         sys.argv = argv
         GlobalHydra.instance().clear()
+
+
+#: The residual stream of a Llama (the repo's TinyLlama names): kept, so that only heads and MLP
+#: channels are pruned.
+LLAMA_RESIDUAL = ["embed_tokens", "lm_head", "norm", "*.o_proj", "*.down_proj", "*layernorm*"]
+#: The same for a Hugging Face ``LlamaForCausalLM``.
+HF_LLAMA_RESIDUAL = ["model.embed_tokens", "lm_head", "model.norm", "*.o_proj", "*.down_proj", "*layernorm*"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import LitNet, cpu_trainer, random_loader
+from helpers import HF_LLAMA_RESIDUAL, LLAMA_RESIDUAL, LitNet, cpu_trainer, random_loader
 from prune_callbacks import DependencyGraph, Pruner, PruningSettings, load_pruned, save_pruned
 from prune_callbacks.integrations.lightning.callback import StructuredPruning
 from prune_callbacks.measure.flops import count_macs_and_params
@@ -34,9 +34,7 @@ from prune_callbacks.reference.models.llama import LlamaMLP, TinyLlama
 
 #: Tolerance of the comparisons with hand computations (float32 arithmetic, float64 statistics).
 RTOL = 1e-5
-#: The residual stream of a Llama: kept, so that only heads and MLP channels are pruned.
-RESIDUAL = ["embed_tokens", "lm_head", "norm", "*.o_proj", "*.down_proj", "*layernorm*"]
-HF_RESIDUAL = ["model.embed_tokens", "lm_head", "model.norm", "*.o_proj", "*.down_proj", "*layernorm*"]
+RESIDUAL, HF_RESIDUAL = LLAMA_RESIDUAL, HF_LLAMA_RESIDUAL
 
 
 class Block(nn.Module):

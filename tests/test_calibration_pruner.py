@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import HF_LLAMA_RESIDUAL, LLAMA_RESIDUAL
 from prune_callbacks import (
     Pruner,
     apply_pruning_history,
@@ -41,9 +42,7 @@ from prune_callbacks.pruning.preview import changes_of_records
 from prune_callbacks.reference.models.llama import TinyLlama
 
 RTOL = 1e-5
-#: Heads and MLP channels only: the residual stream of a Llama is kept.
-RESIDUAL = ["embed_tokens", "lm_head", "norm", "*.o_proj", "*.down_proj", "*layernorm*"]
-HF_RESIDUAL = ["model.embed_tokens", "lm_head", "model.norm", "*.o_proj", "*.down_proj", "*layernorm*"]
+RESIDUAL, HF_RESIDUAL = LLAMA_RESIDUAL, HF_LLAMA_RESIDUAL
 LLAMA = dict(prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=RESIDUAL)
 
 pytestmark = pytest.mark.filterwarnings("ignore:prune_callbacks. these layers cannot be pruned")
