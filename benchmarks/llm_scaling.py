@@ -17,11 +17,13 @@ construction + one step; ``--profile`` prints the cProfile of one run of the fir
 
 Prints a table and writes ``benchmarks/results/llm_scaling.json``. One CPU thread; the forward
 pass is the median of 5, build+prune the best of ``--rounds`` runs (each on a freshly built
-model) after a warm-up on a one-layer model. ``--quick``: 2 and 8 layers, the 7B config and
-widths 256 and 4096 at 2 layers, one round, no Torch-Pruning (about a minute).
+model) after a warm-up on a one-layer model; the width sweep interleaves its rounds (each round
+runs every width once), so a slow spell of the machine does not fall on one width. ``--quick``:
+2 and 8 layers, the 7B config and widths 256 and 4096 at 2 layers, one round, no Torch-Pruning
+(about a minute).
 
     python benchmarks/llm_scaling.py [--layers 2 8 32] [--rounds 3] [--seq 64] [--tp-timeout 300] [--no-tp]
-        [--configs 7b 70b mistral] [--width 256 512 1024 2048 4096 8192] [--sweep-layers 4] [--quick]
+        [--configs 7b 70b mistral] [--width 256 512 1024 2048 4096 8192] [--sweep-layers 8] [--quick]
 """
 
 from __future__ import annotations
@@ -244,6 +246,21 @@ def meta_run(
     return {**best, "rounds_s": totals, "per_layer_s": best["total_s"] / layers, "scope": scope, **sizes}
 
 
+def width_sweep(widths: list[int], layers: int, rounds: int, scope: str, seq: int) -> list[dict]:
+    """:func:`meta_run` at every width, best of ``rounds``, the rounds interleaved (every round
+    runs each width once, in turn), so that a slow spell of the machine hits all widths alike
+    instead of one; each row's ``rounds_s`` lists its rounds."""
+    best: dict[int, dict] = {}
+    totals: dict[int, list[float]] = {w: [] for w in widths}
+    for _ in range(rounds):
+        for width in widths:
+            row = meta_run("llama", width_sizes(width, layers), 1, scope, seq)
+            totals[width].append(row["total_s"])
+            if width not in best or row["total_s"] < best[width]["total_s"]:
+                best[width] = row
+    return [{**best[w], "rounds_s": totals[w]} for w in widths]
+
+
 def _meta_line(label: str, row: dict) -> str:
     phases = " ".join(f"{k}={v:.2f}" for k, v in row["phases_s"].items())
     return (
@@ -297,7 +314,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=SEQ, help="tokens of the example input (and the forward pass)")
     ap.add_argument("--configs", nargs="*", default=list(META_CONFIGS), choices=list(META_CONFIGS))
     ap.add_argument("--width", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096, 8192])
-    ap.add_argument("--sweep-layers", type=int, default=4, help="layers of the width-sweep models")
+    ap.add_argument("--sweep-layers", type=int, default=8, help="layers of the width-sweep models")
     ap.add_argument("--scope", choices=SCOPES, default="mlp_heads", help="what the meta runs prune")
     ap.add_argument(
         "--profile", action="store_true", help="print the cProfile of one meta run of the first --configs"
@@ -338,10 +355,8 @@ def main() -> None:
         family, sizes = META_CONFIGS[name]
         configs[name] = row = meta_run(family, sizes, args.rounds, args.scope, args.seq)
         print(_meta_line(name, row), flush=True)
-    sweep = []
-    for width in args.width:
-        row = meta_run("llama", width_sizes(width, args.sweep_layers), args.rounds, args.scope, args.seq)
-        sweep.append(row)
+    sweep = width_sweep(args.width, args.sweep_layers, args.rounds, args.scope, args.seq)
+    for width, row in zip(args.width, sweep):
         print(_meta_line(f"width {width}", row), flush=True)
     if sweep:
         per_layer = [r["per_layer_s"] for r in sweep]
